@@ -1,0 +1,1 @@
+"""edistill wire format: generated gRPC code and the tensor codec."""
