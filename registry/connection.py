@@ -1,0 +1,122 @@
+"""Building redis-py clients from URLs, and mapping redis errors at the boundary.
+
+:func:`connect` understands every URL that redis-py's ``from_url`` does:
+``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TLS; options
+such as ``?ssl_cert_reqs=required&ssl_ca_certs=/path`` in the query string)
+and ``unix:///path/to.sock``. Clients never retry on their own: the
+registration and the watcher own the retry policy (they retry every
+heartbeat/poll), and redis-py's default exponential backoff would otherwise
+stall a heartbeat for seconds while Redis is down.
+"""
+
+from __future__ import annotations
+
+import os
+
+import redis
+from redis import exceptions as redis_exc
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from registry.errors import (
+    RegistryAuthError,
+    RegistryConfigError,
+    RegistryError,
+    RegistryUnavailableError,
+)
+from registry.urls import redact_url, scrub
+
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT_S",
+    "DEFAULT_SOCKET_TIMEOUT_S",
+    "REGISTRY_URL_ENV",
+    "connect",
+    "map_redis_error",
+    "server_time_ms",
+]
+
+# A URL with a password on a command line is visible in `ps`; CLIs read the
+# registry URL from this environment variable when no --registry is given.
+REGISTRY_URL_ENV = "EDISTILL_REGISTRY"
+
+# Long enough for a busy Redis across a datacenter, short enough that a
+# heartbeat (1 s default) notices an outage within a couple of beats.
+DEFAULT_SOCKET_TIMEOUT_S = 2.0
+DEFAULT_CONNECT_TIMEOUT_S = 2.0
+# Pooled connections idle longer than this are PINGed before use, so a Redis
+# restart is detected on the first command instead of failing it.
+DEFAULT_HEALTH_CHECK_INTERVAL_S = 10
+
+_LOCAL_HINT = (
+    "'local' means an embedded Redis started by this process (e.g. `edistill teacher "
+    "serve --registry local`); here give the URL of a running Redis, e.g. redis://HOST:6379/0"
+)
+
+
+def connect(
+    url: str,
+    *,
+    socket_timeout_s: float = DEFAULT_SOCKET_TIMEOUT_S,
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+    health_check_interval_s: int = DEFAULT_HEALTH_CHECK_INTERVAL_S,
+) -> redis.Redis:
+    """A redis-py client for ``url`` (no I/O happens until the first command).
+
+    Args:
+        url: ``redis://``, ``rediss://`` or ``unix://`` URL, as redis-py's
+            ``Redis.from_url`` understands it (password, ACL user, db, TLS options).
+        socket_timeout_s: per-command read/write timeout.
+        connect_timeout_s: TCP (and TLS) connect timeout.
+        health_check_interval_s: idle time after which a pooled connection is
+            PINGed before reuse.
+
+    Raises:
+        RegistryConfigError: the URL is not a Redis URL (the message shows it
+            with its password redacted).
+    """
+    if not isinstance(url, str) or not url:
+        raise RegistryConfigError(f"a Redis URL is required (e.g. redis://HOST:6379/0 or ${REGISTRY_URL_ENV}), got {url!r}")
+    if url == "local":
+        raise RegistryConfigError(_LOCAL_HINT)
+    try:
+        return redis.Redis.from_url(
+            url,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=connect_timeout_s,
+            health_check_interval=health_check_interval_s,
+            retry=Retry(NoBackoff(), 0),
+            client_name=f"edistill-registry-{os.getpid()}",
+        )
+    except (ValueError, TypeError) as exc:
+        raise RegistryConfigError(
+            f"invalid Redis URL {redact_url(url)!r}: {scrub(str(exc), url)}; expected "
+            "redis://[[user]:password@]host[:port][/db], rediss://... or unix:///path"
+        ) from exc
+
+
+def map_redis_error(exc: BaseException, url: str, action: str) -> RegistryError:
+    """The registry error for a redis-py (or socket) error raised while doing ``action``.
+
+    Use as ``raise map_redis_error(exc, url, "registering") from exc``. The
+    message names the action and the redacted URL and never the password.
+    """
+    where = redact_url(url)
+    detail = scrub(str(exc) or type(exc).__name__, url)
+    if isinstance(exc, (redis_exc.AuthenticationError, redis_exc.AuthorizationError, redis_exc.NoPermissionError)) or (
+        isinstance(exc, redis_exc.ResponseError) and str(exc).startswith(("NOAUTH", "WRONGPASS", "NOPERM"))
+    ):
+        return RegistryAuthError(
+            f"Redis at {where} refused {action}: {detail}; check the user/password in the "
+            "registry URL and the ACL permissions of that user"
+        )
+    return RegistryUnavailableError(f"Redis at {where} failed while {action}: {detail}")
+
+
+def server_time_ms(client: redis.Redis) -> int:
+    """The Redis server's clock (``TIME``) in unix milliseconds.
+
+    All registry timestamps use the server clock, so the clocks of teacher
+    and student machines never need to agree.
+    """
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
