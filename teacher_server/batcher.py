@@ -1,0 +1,308 @@
+"""Asyncio dynamic batcher: merge concurrent requests into one forward pass.
+
+Shaped like ray's ``@serve.batch``: ``submit`` is a non-blocking put onto a
+bounded deque plus an event; one background task waits for the first
+request, then for at most what is left of ``max_queue_delay_ms`` (measured
+from that request's arrival), takes whole requests in arrival order while
+they fit in ``max_batch_size``, and runs ONE forward pass in a worker thread.
+Outputs are split back per request and each request's own transforms are
+applied, so requests with different output wishes share a batch.
+
+Concurrency notes:
+
+* All queue state is touched only from the event loop thread; the worker
+  thread receives an immutable list of items and returns results.
+* Batches run one at a time (the loop awaits the forward pass). Requests
+  arriving meanwhile queue up and form the next batch as soon as the
+  current one finishes, which is what a CPU (all cores busy) or a single
+  GPU stream wants.
+* Every future is resolved: with a result, the request's own error, or the
+  batch's error; a request whose client went away (future cancelled) is
+  skipped before its batch is formed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from teacher_server.errors import InferenceFailed, QueueFull, RequestError, ServerClosing
+from teacher_server.model import LoadedModel
+from teacher_server.transforms import OutputPlan, apply_plan
+
+__all__ = ["BatchRecord", "BatcherStats", "DynamicBatcher", "ItemResult", "OutputValue"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OutputValue:
+    """One transformed output of one request, on the host."""
+
+    plan: OutputPlan
+    values: torch.Tensor  # (n, ..., C) or (n, ..., k)
+    indices: torch.Tensor | None  # (n, ..., k) int64 for top-k
+    dense_shape: tuple[int, ...]  # (n, ..., C)
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """What a request gets back from :meth:`DynamicBatcher.submit`."""
+
+    outputs: list[OutputValue]
+    batch_size: int  # samples in the forward pass that served this request
+    queue_ms: float
+    compute_ms: float
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """One executed batch, passed to listeners (metrics, tests)."""
+
+    batch_size: int
+    num_requests: int
+    queue_ms: tuple[float, ...]
+    compute_ms: float
+    failed: bool
+
+
+@dataclass
+class BatcherStats:
+    """Counters since start; ``batch_sizes`` maps samples-per-forward -> count."""
+
+    batches: int = 0
+    requests: int = 0
+    samples: int = 0
+    rejected_full: int = 0
+    failed_batches: int = 0
+    batch_sizes: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def max_batch_size_seen(self) -> int:
+        return max(self.batch_sizes, default=0)
+
+
+@dataclass
+class _Item:
+    inputs: Sequence[torch.Tensor]  # one (n, ...) tensor per model input, signature order
+    plans: Sequence[OutputPlan]
+    size: int  # n
+    future: asyncio.Future
+    enqueued: float  # time.perf_counter()
+
+
+class DynamicBatcher:
+    """Dynamic batching in front of a :class:`LoadedModel`.
+
+    Use ``start()`` inside the running event loop, ``await submit(...)`` per
+    request, and ``await close()`` to drain. Listeners added with
+    :meth:`add_listener` get a :class:`BatchRecord` after every batch (on the
+    event loop; keep them cheap).
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        max_batch_size: int,
+        max_queue_delay_ms: float,
+        max_queue_size: int,
+    ) -> None:
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self._delay_s = max_queue_delay_ms / 1000.0
+        self.max_queue_size = max_queue_size
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._event = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task | None = None
+        # One worker: a forward pass already uses every core (intra-op
+        # threads) or the whole GPU stream.
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edistill-forward")
+        self._stats = BatcherStats()
+        self._listeners: list[Callable[[BatchRecord], None]] = []
+
+    # -------------------------------------------------------------- public
+
+    def start(self) -> None:
+        """Start the background batching task on the running loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="edistill-batcher")
+            self._task.add_done_callback(self._on_loop_done)
+
+    def add_listener(self, fn: Callable[[BatchRecord], None]) -> None:
+        """Call ``fn(record)`` after each batch (exceptions are logged, not raised)."""
+        self._listeners.append(fn)
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a batch slot."""
+        return len(self._queue)
+
+    def stats(self) -> BatcherStats:
+        """A snapshot copy of the counters."""
+        s = self._stats
+        return BatcherStats(s.batches, s.requests, s.samples, s.rejected_full, s.failed_batches, dict(s.batch_sizes))
+
+    async def submit(self, inputs: Sequence[torch.Tensor], plans: Sequence[OutputPlan], size: int) -> ItemResult:
+        """Queue one validated request of ``size`` samples and wait for its outputs.
+
+        Raises:
+            QueueFull: ``max_queue_size`` requests are already waiting.
+            ServerClosing: :meth:`close` was called.
+            RequestError: this request's transforms failed, or the batch failed.
+        """
+        if self._closing or self._task is None:
+            raise ServerClosing("teacher is shutting down; send the request to another teacher")
+        if len(self._queue) >= self.max_queue_size:
+            self._stats.rejected_full += 1
+            raise QueueFull(f"teacher queue is full ({self.max_queue_size} requests waiting); "
+                            "retry later or send to another teacher")
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append(_Item(inputs, plans, size, fut, time.perf_counter()))
+        self._event.set()
+        return await fut
+
+    async def close(self) -> None:
+        """Refuse new requests, finish the queued ones, stop the worker."""
+        self._closing = True
+        self._event.set()
+        if self._task is not None:
+            await asyncio.shield(self._task)
+        self._executor.shutdown(wait=False)
+
+    # ------------------------------------------------------------ internals
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._queue:
+                if self._closing:
+                    return
+                self._event.clear()
+                await self._event.wait()
+            items = await self._collect()
+            if items:
+                await self._run(loop, items)
+
+    async def _collect(self) -> list[_Item]:
+        """Pop whole requests in order while they fit; wait until the first one's deadline."""
+        items: list[_Item] = []
+        total = 0
+        deadline = None
+        while total < self.max_batch_size:
+            if self._queue:
+                nxt = self._queue[0]
+                if nxt.future.done():  # client cancelled or deadline passed: skip its work
+                    self._queue.popleft()
+                    continue
+                if total + nxt.size > self.max_batch_size:
+                    break  # never split a request; it leads the next batch
+                self._queue.popleft()
+                items.append(nxt)
+                total += nxt.size
+                if deadline is None:
+                    deadline = nxt.enqueued + self._delay_s
+                continue
+            if deadline is None or self._closing:
+                break
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            self._event.clear()
+            try:
+                await asyncio.wait_for(self._event.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+        return items
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
+        started = time.perf_counter()
+        failed = False
+        try:
+            results, compute_ms = await loop.run_in_executor(self._executor, self._compute, items)
+        except BaseException as exc:
+            failed = True
+            err = exc if isinstance(exc, RequestError) else InferenceFailed(
+                f"teacher forward pass failed: {type(exc).__name__}: {exc}")
+            for it in items:
+                if not it.future.done():
+                    it.future.set_exception(err)
+            log.error("batch of %d request(s) failed: %s", len(items), err, exc_info=not isinstance(exc, RequestError))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            results, compute_ms = [], 0.0
+        total = sum(it.size for it in items)
+        queue_ms = tuple((started - it.enqueued) * 1000.0 for it in items)
+        for it, res, q_ms in zip(items, results, queue_ms):
+            if it.future.done():
+                continue
+            if isinstance(res, BaseException):
+                it.future.set_exception(res)
+            else:
+                it.future.set_result(ItemResult(res, total, q_ms, compute_ms))
+        s = self._stats
+        s.batches += 1
+        s.requests += len(items)
+        s.samples += total
+        s.failed_batches += failed
+        s.batch_sizes[total] = s.batch_sizes.get(total, 0) + 1
+        record = BatchRecord(total, len(items), queue_ms, compute_ms, failed)
+        for fn in self._listeners:
+            try:
+                fn(record)
+            except Exception:
+                log.exception("batch listener %r failed", fn)
+
+    def _compute(self, items: list[_Item]) -> tuple[list[list[OutputValue] | BaseException], float]:
+        """Worker thread: concat, forward, split, transform. Touches no loop state."""
+        t0 = time.perf_counter()
+        n_inputs = len(self.model.inputs)
+        if len(items) == 1:
+            batch = list(items[0].inputs)  # no copy for a lone request
+        else:
+            batch = [torch.cat([it.inputs[i] for it in items]) for i in range(n_inputs)]  # (sum n, ...)
+        outs = self.model.run(batch)
+        total = sum(it.size for it in items)
+        for name, t in outs.items():
+            if t.dim() == 0 or t.shape[0] != total:
+                raise InferenceFailed(f"model output {name!r} has shape {list(t.shape)} for a batch of {total}")
+        results: list[list[OutputValue] | BaseException] = []
+        offset = 0
+        for it in items:
+            try:
+                per = []
+                for plan in it.plans:
+                    x = outs[plan.name][offset:offset + it.size]  # (n, ..., C) view
+                    values, indices = apply_plan(x, plan)
+                    per.append(OutputValue(plan, values.cpu(), None if indices is None else indices.cpu(),
+                                           tuple(x.shape)))
+                results.append(per)
+            except RequestError as exc:
+                results.append(exc)
+            except Exception as exc:
+                results.append(InferenceFailed(f"output transform failed: {type(exc).__name__}: {exc}"))
+            offset += it.size
+        return results, (time.perf_counter() - t0) * 1000.0
+
+    def _on_loop_done(self, task: asyncio.Task) -> None:
+        if task.cancelled():
+            exc: BaseException | None = ServerClosing("teacher batcher was cancelled")
+        else:
+            exc = task.exception()
+            if exc is not None:
+                log.error("batcher task died", exc_info=exc)
+        # Nothing may hang: fail whatever is still queued.
+        while self._queue:
+            it = self._queue.popleft()
+            if not it.future.done():
+                it.future.set_exception(exc if isinstance(exc, RequestError) else ServerClosing(
+                    "teacher batcher stopped; send the request to another teacher"))
+        self._closing = True

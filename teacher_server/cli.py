@@ -1,0 +1,178 @@
+"""``edistill teacher serve | describe | health`` (also ``python -m teacher_server ...``).
+
+Thin: parse arguments, build the config and model with the library's own
+functions, run. Errors from the library propagate as :class:`TeacherError`
+and are printed as one line by the caller (``student_client.cli.main`` or
+:func:`main` here). The ready line printed by ``serve`` is a contract
+(docs/internals.md)::
+
+    edistill teacher ready address=HOST:PORT
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+import grpc
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos.edistill.v1 import teacher_pb2 as pb
+from protos.edistill.v1 import teacher_pb2_grpc as pb_grpc
+from teacher_server.config import DEFAULT_MAX_MESSAGE_BYTES, PRECISIONS, TeacherConfig
+from teacher_server.errors import TeacherError, TeacherUnreachable
+
+__all__ = ["READY_PREFIX", "add_commands", "add_teacher_commands", "main"]
+
+#: Start of the line ``serve`` prints once it serves (see docs/internals.md).
+READY_PREFIX = "edistill teacher ready address="
+
+_defaults = TeacherConfig()
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``teacher {serve,describe,health}`` to the umbrella ``edistill`` CLI."""
+    teacher = subparsers.add_parser("teacher", help="serve a teacher model, or query one")
+    add_teacher_commands(teacher.add_subparsers(dest="teacher_command", required=True, metavar="COMMAND"))
+
+
+def add_teacher_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``serve``, ``describe`` and ``health`` to ``sub``."""
+    p = sub.add_parser("serve", help="load a model and serve it over gRPC until SIGTERM")
+    p.add_argument("--model", required=True, metavar="SPEC",
+                   help="TorchScript file, torch.export .pt2 archive, or package.module:factory")
+    p.add_argument("--host", default=_defaults.host, help=f"bind address (default: {_defaults.host})")
+    p.add_argument("--port", type=int, default=_defaults.port, help="port; 0 picks a free one (default: 0)")
+    p.add_argument("--advertise-host", default=None,
+                   help="host announced on the ready line / to the registry (default: --host, "
+                        "or the hostname when binding a wildcard)")
+    p.add_argument("--device", default=_defaults.device, help="cpu or cuda:N (default: cpu)")
+    p.add_argument("--precision", choices=PRECISIONS, default=_defaults.precision,
+                   help="fp32, or fp16/bf16 autocast (default: fp32)")
+    p.add_argument("--max-batch-size", type=int, default=_defaults.max_batch_size, metavar="N",
+                   help=f"samples per forward pass (default: {_defaults.max_batch_size})")
+    p.add_argument("--max-queue-delay-ms", type=float, default=_defaults.max_queue_delay_ms, metavar="MS",
+                   help=f"how long a batch waits to fill (default: {_defaults.max_queue_delay_ms})")
+    p.add_argument("--max-queue-size", type=int, default=_defaults.max_queue_size, metavar="N",
+                   help=f"queued requests before RESOURCE_EXHAUSTED (default: {_defaults.max_queue_size})")
+    p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, metavar="BYTES",
+                   help="gRPC send/receive limit (default: 256 MiB)")
+    p.add_argument("--grace-s", type=float, default=_defaults.grace_s,
+                   help=f"seconds to drain in-flight requests on SIGTERM (default: {_defaults.grace_s})")
+    p.add_argument("--torch-threads", type=int, default=None, metavar="N",
+                   help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--checkpoint", default=None, metavar="FILE",
+                   help="state dict for a factory model, loaded with weights_only=True")
+    p.add_argument("--model-kwargs", default=None, metavar="JSON",
+                   help='keyword arguments for a factory model, e.g. \'{"num_classes": 100}\'')
+    p.add_argument("--input-spec", action="append", default=None, metavar="NAME:DTYPE:D1,D2,...",
+                   help="input signature, repeatable, per sample (no batch dim), -1 = free dim; "
+                        "overrides what the model file declares")
+    p.add_argument("--name", default=None, help="model name reported to students (default: from --model)")
+    p.add_argument("--version", default=_defaults.model_version, help="model version reported to students")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("describe", help="print a teacher's Describe answer as JSON")
+    p.add_argument("address", help="HOST:PORT")
+    p.add_argument("--timeout-s", type=float, default=5.0)
+    p.set_defaults(func=cmd_describe)
+
+    p = sub.add_parser("health", help="standard gRPC health check; exit 0 only when SERVING")
+    p.add_argument("address", help="HOST:PORT")
+    p.add_argument("--timeout-s", type=float, default=5.0)
+    p.add_argument("--service", default="", help="service name to check (default: the whole server)")
+    p.set_defaults(func=cmd_health)
+
+
+def _default_name(spec: str) -> str:
+    if ":" in spec and "/" not in spec:
+        return spec.rsplit(":", 1)[1]
+    base = spec.replace("\\", "/").rsplit("/", 1)[-1]
+    return base.rsplit(".", 1)[0] or base
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Load the model, serve until SIGTERM/SIGINT, drain, return 0."""
+    from teacher_server.model import load_model
+    from teacher_server.server import run
+
+    config = TeacherConfig(
+        model_name=args.name or _default_name(args.model),
+        model_version=args.version,
+        host=args.host,
+        port=args.port,
+        advertise_host=args.advertise_host,
+        device=args.device,
+        precision=args.precision,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_ms=args.max_queue_delay_ms,
+        max_queue_size=args.max_queue_size,
+        max_message_bytes=args.max_message_bytes,
+        grace_s=args.grace_s,
+        torch_threads=args.torch_threads,
+    )
+    if config.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(config.torch_threads)  # before the warm-up pass
+    model = load_model(args.model, device=config.device, precision=config.precision,
+                       checkpoint=args.checkpoint, model_kwargs=args.model_kwargs, input_specs=args.input_spec)
+
+    def _ready(address: str) -> None:
+        print(f"{READY_PREFIX}{address}", flush=True)
+
+    return run(config, model, on_ready=[_ready])
+
+
+def _channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=[
+        ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+    ])
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    """Print the teacher's Describe answer as JSON."""
+    with _channel(args.address) as channel:
+        try:
+            resp = pb_grpc.TeacherStub(channel).Describe(pb.DescribeRequest(), timeout=args.timeout_s)
+        except grpc.RpcError as exc:
+            raise TeacherUnreachable(f"no Describe answer from {args.address}: {exc.code().name}: "
+                                     f"{exc.details()}") from exc
+    print(json_format.MessageToJson(resp, always_print_fields_with_no_presence=True))
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Print the health status; 0 if SERVING, 1 otherwise (including unreachable)."""
+    with _channel(args.address) as channel:
+        try:
+            resp = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout_s)
+        except grpc.RpcError as exc:
+            print(f"UNREACHABLE {args.address}: {exc.code().name}: {exc.details()}")
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    print(status)
+    return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m teacher_server``: the teacher commands without the umbrella CLI."""
+    parser = argparse.ArgumentParser(prog="python -m teacher_server", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    add_teacher_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("teacher: interrupted", file=sys.stderr)
+        return 130
+    except TeacherError as exc:
+        print(f"edistill teacher {args.command}: error: {exc}", file=sys.stderr)
+        return 2

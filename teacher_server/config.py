@@ -1,0 +1,97 @@
+"""Typed configuration of a teacher server, validated at construction."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from teacher_server.errors import ConfigError
+
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "PRECISIONS", "TeacherConfig"]
+
+#: gRPC message limit set explicitly on servers and channels. The gRPC default
+#: of 4 MiB holds only ~5 ImageNet images at float32; 256 MiB holds a batch of
+#: 256 x 3x224x224 float32 inputs with room to spare.
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+#: ``precision`` values: fp32 runs as is; fp16/bf16 run under torch.autocast.
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+@dataclass
+class TeacherConfig:
+    """Everything a teacher server needs besides the model itself.
+
+    Raises:
+        ConfigError: at construction, naming the field and the bad value.
+    """
+
+    # Reported in Describe and every PredictResponse, so students can tell
+    # which model produced a soft label.
+    model_name: str = "model"
+    model_version: str = "0"
+    # Bind address. 127.0.0.1 by default: a teacher accepts tensors from the
+    # network, so exposing it (0.0.0.0) is an explicit choice.
+    host: str = "127.0.0.1"
+    # 0 asks the OS for a free port (tests, demo, several teachers per host).
+    port: int = 0
+    # Address announced to lifecycle hooks (e.g. the registry) and printed on
+    # the ready line; None derives it from host (hostname when host is a
+    # wildcard, which is what other containers can reach).
+    advertise_host: str | None = None
+    # "cpu" or "cuda:N".
+    device: str = "cpu"
+    # fp32 | fp16 | bf16 (autocast). bf16 is the safe choice on CPU.
+    precision: str = "fp32"
+    # Samples per forward pass. A single request larger than this is rejected
+    # (requests are never split, so a student's batch stays one unit).
+    max_batch_size: int = 64
+    # How long the first request of a batch may wait for others to join.
+    # A few ms buys large batches under load and costs little when idle.
+    max_queue_delay_ms: float = 2.0
+    # Requests waiting for a batch slot; beyond it RESOURCE_EXHAUSTED, so a
+    # flood cannot grow memory without bound.
+    max_queue_size: int = 256
+    # Explicit gRPC send/receive limit (the default 4 MiB is too small).
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # Seconds SIGTERM waits for in-flight requests before cancelling them.
+    grace_s: float = 10.0
+    # torch intra-op threads for the forward pass; None keeps torch's default
+    # (all cores). Lower it when other processes share the CPU.
+    torch_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.model_name:
+            raise ConfigError("model_name must not be empty")
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be an integer in 0..65535, got {self.port!r}")
+        if not self.host:
+            raise ConfigError("host must not be empty (use 127.0.0.1 or 0.0.0.0)")
+        if not _DEVICE_RE.match(self.device):
+            raise ConfigError(f"device must be 'cpu' or 'cuda:N', got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
+            raise ConfigError(f"max_batch_size must be an integer >= 1, got {self.max_batch_size!r}")
+        if not (math.isfinite(self.max_queue_delay_ms) and self.max_queue_delay_ms >= 0):
+            raise ConfigError(f"max_queue_delay_ms must be a finite number >= 0, got {self.max_queue_delay_ms!r}")
+        if not isinstance(self.max_queue_size, int) or self.max_queue_size < 1:
+            raise ConfigError(f"max_queue_size must be an integer >= 1, got {self.max_queue_size!r}")
+        if not isinstance(self.max_message_bytes, int) or self.max_message_bytes < 1024:
+            raise ConfigError(f"max_message_bytes must be an integer >= 1024, got {self.max_message_bytes!r}")
+        if not (math.isfinite(self.grace_s) and self.grace_s >= 0):
+            raise ConfigError(f"grace_s must be a finite number >= 0, got {self.grace_s!r}")
+        if self.torch_threads is not None and (not isinstance(self.torch_threads, int) or self.torch_threads < 1):
+            raise ConfigError(f"torch_threads must be an integer >= 1 or None, got {self.torch_threads!r}")
+
+    @property
+    def bind_address(self) -> str:
+        """``host:port`` to bind (IPv6 hosts bracketed)."""
+        return f"{_bracket(self.host)}:{self.port}"
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

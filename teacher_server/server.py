@@ -1,0 +1,220 @@
+"""Teacher server lifecycle: build, start, announce, drain, stop.
+
+:class:`TeacherServer` owns the grpc.aio server, the batcher and the
+standard health service. Its seam for integrations is two lists of hooks,
+each called with the advertised ``host:port``:
+
+* ``on_ready`` -- after the server is SERVING (e.g. register in the registry,
+  print the ready line);
+* ``on_drain`` -- when shutdown starts, after health turns NOT_SERVING and
+  before in-flight requests are drained (e.g. deregister).
+
+Hooks may be plain or async callables. A failing ready hook aborts startup;
+a failing drain hook is logged and draining continues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import signal
+import socket
+import uuid
+from typing import Awaitable, Callable, Iterable
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from protos.edistill.v1 import teacher_pb2 as pb
+from protos.edistill.v1 import teacher_pb2_grpc as pb_grpc
+from teacher_server.batcher import DynamicBatcher
+from teacher_server.config import TeacherConfig
+from teacher_server.errors import ConfigError
+from teacher_server.model import LoadedModel
+from teacher_server.servicer import TeacherServicer
+
+__all__ = ["Hook", "SERVICE_NAME", "TeacherServer", "create_server", "run", "serve"]
+
+log = logging.getLogger(__name__)
+
+#: Full name of the teacher service (also its health-check service name).
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Teacher"].full_name
+
+#: A lifecycle hook: called with the advertised ``host:port``.
+Hook = Callable[[str], "Awaitable[None] | None"]
+
+_WILDCARD_HOSTS = {"0.0.0.0", "::", "[::]", ""}
+
+
+def _server_options(config: TeacherConfig) -> list[tuple[str, int]]:
+    return [
+        # Explicit limits: gRPC's 4 MiB default is too small for real batches.
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        # Off, so a second teacher on a taken fixed port fails loudly instead
+        # of silently sharing it (Linux SO_REUSEPORT is gRPC's default).
+        ("grpc.so_reuseport", 0),
+        # Let students keep idle channels alive with pings every >= 10 s
+        # without being sent GOAWAY "too_many_pings".
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+class TeacherServer:
+    """A teacher: gRPC Teacher + health + reflection services over a dynamic batcher.
+
+    Create it inside a running event loop (grpc.aio binds to it), then
+    ``await start()`` and eventually ``await stop()``.
+    """
+
+    def __init__(self, config: TeacherConfig, model: LoadedModel, *, teacher_id: str | None = None) -> None:
+        self.config = config
+        self.model = model
+        # Stable for the process lifetime; lets students tell replicas apart.
+        self.teacher_id = teacher_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.on_ready: list[Hook] = []
+        self.on_drain: list[Hook] = []
+        self.port: int | None = None
+        self.batcher: DynamicBatcher | None = None
+        self.health = health_aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._stopping: asyncio.Task | None = None
+
+    @property
+    def address(self) -> str:
+        """The advertised ``host:port`` (what clients and the registry should use)."""
+        if self.port is None:
+            raise RuntimeError("server not started")
+        host = self.config.advertise_host or self.config.host
+        if host in _WILDCARD_HOSTS:
+            host = socket.gethostname()
+        return f"[{host}]:{self.port}" if ":" in host and not host.startswith("[") else f"{host}:{self.port}"
+
+    async def start(self) -> int:
+        """Bind, start serving, mark SERVING, run ``on_ready`` hooks; return the port."""
+        cfg = self.config
+        if cfg.torch_threads is not None:
+            torch.set_num_threads(cfg.torch_threads)
+        self.batcher = DynamicBatcher(self.model, max_batch_size=cfg.max_batch_size,
+                                      max_queue_delay_ms=cfg.max_queue_delay_ms, max_queue_size=cfg.max_queue_size)
+        server = grpc.aio.server(options=_server_options(cfg))
+        pb_grpc.add_TeacherServicer_to_server(
+            TeacherServicer(cfg, self.model, self.batcher, self.teacher_id), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server)
+        try:
+            port = server.add_insecure_port(cfg.bind_address)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {cfg.bind_address} ({exc}); is the port in use? "
+                              "choose another --port, or --port 0 for a free one") from None
+        if port == 0:  # older grpc signals failure this way
+            raise ConfigError(f"cannot listen on {cfg.bind_address}; choose another --port, or --port 0")
+        self._server = server
+        self.port = port
+        self.batcher.start()
+        await server.start()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("teacher %s serving %s (%s) on %s, device %s, precision %s, max batch %d",
+                 self.teacher_id, cfg.model_name, self.model.source, self.address, self.model.device,
+                 cfg.precision, cfg.max_batch_size)
+        try:
+            for hook in self.on_ready:
+                await _call(hook, self.address)
+        except BaseException:
+            await self.stop(grace_s=0)
+            raise
+        return port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING, ``on_drain`` hooks, stop accepting, drain in-flight work (up to ``grace_s``).
+
+        Idempotent: a second call waits for the first to finish.
+        """
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(self.config.grace_s if grace_s is None else grace_s))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace_s: float) -> None:
+        log.info("teacher %s draining (grace %.1fs)", self.teacher_id, grace_s)
+        # Load balancers and health probes see NOT_SERVING before we stop accepting.
+        await self.health.enter_graceful_shutdown()
+        if self.port is not None:
+            for hook in self.on_drain:
+                try:
+                    await _call(hook, self.address)
+                except Exception:
+                    log.exception("drain hook %r failed; draining anyway", hook)
+        if self._server is not None:
+            # Refuses new RPCs at once; in-flight handlers finish (the batcher
+            # keeps running) or are cancelled after grace_s.
+            await self._server.stop(grace_s)
+        if self.batcher is not None:
+            await self.batcher.close()
+        log.info("teacher %s stopped", self.teacher_id)
+
+    async def wait_for_termination(self) -> None:
+        """Wait until the gRPC server has terminated."""
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+async def _call(hook: Hook, address: str) -> None:
+    result = hook(address)
+    if inspect.isawaitable(result):
+        await result
+
+
+async def create_server(config: TeacherConfig, model: LoadedModel) -> tuple[TeacherServer, int]:
+    """Build and start a :class:`TeacherServer` on the running loop; return it and its port."""
+    server = TeacherServer(config, model)
+    port = await server.start()
+    return server, port
+
+
+async def serve(
+    config: TeacherConfig,
+    model: LoadedModel,
+    *,
+    on_ready: Iterable[Hook] = (),
+    on_drain: Iterable[Hook] = (),
+    stop_signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+) -> None:
+    """Serve until one of ``stop_signals`` arrives, then drain and return."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def _on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            log.warning("received %s again; still draining (at most grace_s=%.1fs)", sig.name, config.grace_s)
+        else:
+            log.info("received %s: shutting down", sig.name)
+        stop.set()
+
+    signals = list(stop_signals)
+    for sig in signals:
+        loop.add_signal_handler(sig, _on_signal, sig)
+    server = TeacherServer(config, model)
+    server.on_ready.extend(on_ready)
+    server.on_drain.extend(on_drain)
+    try:
+        await server.start()
+        await stop.wait()
+    finally:
+        await server.stop()
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+def run(config: TeacherConfig, model: LoadedModel, **kwargs) -> int:
+    """Blocking :func:`serve` for scripts and the CLI; returns exit code 0 after a clean drain."""
+    asyncio.run(serve(config, model, **kwargs))
+    return 0

@@ -1,0 +1,145 @@
+"""The ``edistill.v1.Teacher`` gRPC servicer: validate, batch, encode.
+
+Validation happens per request before it reaches the batcher, so a bad
+request is answered INVALID_ARGUMENT on its own while the requests around
+it are batched and answered normally.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import grpc
+import torch
+
+from protos import codec
+from protos.edistill.v1 import teacher_pb2 as pb
+from protos.edistill.v1 import teacher_pb2_grpc as pb_grpc
+from teacher_server.batcher import DynamicBatcher
+from teacher_server.config import TeacherConfig
+from teacher_server.errors import InvalidRequest, RequestError
+from teacher_server.model import LoadedModel
+from teacher_server.signature import WIRE_OF_TORCH
+from teacher_server.transforms import plan_outputs
+
+__all__ = ["SERVER_VERSION", "TeacherServicer", "validate_inputs"]
+
+log = logging.getLogger(__name__)
+
+try:
+    from importlib.metadata import version as _dist_version
+
+    SERVER_VERSION = _dist_version("edistill")
+except Exception:  # running from a source tree without metadata
+    SERVER_VERSION = "0+unknown"
+
+
+def validate_inputs(
+    tensors: Sequence[pb.Tensor], model: LoadedModel, max_batch_size: int
+) -> tuple[list[torch.Tensor], int]:
+    """Check a request's inputs against the signature; zero-copy decode them.
+
+    Returns the input tensors in signature order (read-only views of the
+    request's bytes) and the batch size.
+
+    Raises:
+        InvalidRequest: naming the input and what is wrong.
+    """
+    specs = model.inputs
+    if len(tensors) != len(specs):
+        raise InvalidRequest(f"expected {len(specs)} input(s) ({', '.join(model.input_names)}), got {len(tensors)}")
+    if len(specs) == 1 and not tensors[0].name:
+        ordered = [tensors[0]]  # a single unnamed input is the model's only input
+    else:
+        by_name = {}
+        for t in tensors:
+            if t.name not in model.input_names:
+                raise InvalidRequest(f"unknown input {t.name!r}; this model takes {', '.join(model.input_names)}")
+            if t.name in by_name:
+                raise InvalidRequest(f"input {t.name!r} given twice")
+            by_name[t.name] = t
+        ordered = [by_name[s.name] for s in specs]
+    out = []
+    batch = None
+    for spec, msg in zip(specs, ordered):
+        label = f"input {spec.name!r}"
+        want = WIRE_OF_TORCH[spec.dtype]
+        if msg.dtype != want:
+            raise InvalidRequest(f"{label}: dtype {codec.dtype_name(msg.dtype)}, expected {spec.dtype_name}")
+        if len(msg.shape) == 0:
+            raise InvalidRequest(f"{label}: shape is empty; expected {spec.describe_shape()}")
+        n = msg.shape[0]
+        bad = spec.mismatch(list(msg.shape[1:]))
+        if bad:
+            raise InvalidRequest(f"{label}: shape {list(msg.shape)}: {bad}")
+        if batch is None:
+            batch = n
+        elif n != batch:
+            raise InvalidRequest(f"{label}: batch dimension {n} differs from {batch} of input {specs[0].name!r}")
+        if n < 1:
+            raise InvalidRequest(f"{label}: batch is empty")
+        if n > max_batch_size:
+            raise InvalidRequest(f"{label}: batch of {n} exceeds this teacher's max_batch_size {max_batch_size}; "
+                                 "split it into smaller requests")
+        try:
+            # The codec checks byte length against shape x itemsize (truncated data).
+            out.append(codec.to_torch(msg, what=label))
+        except codec.CodecError as exc:
+            raise InvalidRequest(str(exc)) from None
+    assert batch is not None
+    return out, batch
+
+
+class TeacherServicer(pb_grpc.TeacherServicer):
+    """Implements ``Predict`` and ``Describe`` on top of a :class:`DynamicBatcher`."""
+
+    def __init__(self, config: TeacherConfig, model: LoadedModel, batcher: DynamicBatcher, teacher_id: str) -> None:
+        self.config = config
+        self.model = model
+        self.batcher = batcher
+        self.teacher_id = teacher_id
+
+    async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+        try:
+            inputs, n = validate_inputs(request.inputs, self.model, self.config.max_batch_size)
+            plans = plan_outputs(request.outputs, self.model.outputs)
+            result = await self.batcher.submit(inputs, plans, n)
+        except RequestError as exc:
+            if exc.code != grpc.StatusCode.INVALID_ARGUMENT:
+                log.warning("Predict %s: %s: %s", request.request_id, exc.code.name, exc)
+            await context.abort(exc.code, str(exc))
+        resp = pb.PredictResponse(
+            request_id=request.request_id,
+            teacher_id=self.teacher_id,
+            model_name=self.config.model_name,
+            model_version=self.config.model_version,
+            batch_size=result.batch_size,
+            queue_ms=result.queue_ms,
+            compute_ms=result.compute_ms,
+        )
+        for ov in result.outputs:
+            out = resp.outputs.add(name=ov.plan.name, transform=ov.plan.transform,
+                                   temperature=ov.plan.temperature, top_k=ov.plan.top_k)
+            codec.encode(ov.values, out.values)  # built in place, one copy
+            if ov.indices is not None:
+                codec.encode(ov.indices, out.indices)
+            out.dense_shape.extend(ov.dense_shape)
+        return resp
+
+    async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.DescribeResponse:
+        resp = pb.DescribeResponse(
+            teacher_id=self.teacher_id,
+            model_name=self.config.model_name,
+            model_version=self.config.model_version,
+            max_batch_size=self.config.max_batch_size,
+            device=str(self.model.device),
+            precision=self.config.precision,
+            server_version=SERVER_VERSION,
+            max_message_bytes=self.config.max_message_bytes,
+        )
+        for spec in self.model.inputs:
+            spec.to_proto(resp.inputs.add())
+        for spec in self.model.outputs:
+            spec.to_proto(resp.outputs.add())
+        return resp

@@ -1,0 +1,100 @@
+"""Per-request output transforms: temperature, probs / log-probs, top-k, dtype.
+
+The forward pass is shared by every request in a batch; these run on each
+request's slice of the outputs, so requests asking for different transforms
+can share a batch. Semantics follow docs/internals.md: ``RAW`` returns the
+output unchanged (temperature ignored); ``PROBS``/``LOG_PROBS`` apply
+``(log_)softmax(x / T)`` over the last dim; ``top_k > 0`` keeps the k largest
+entries after the transform, as values plus int64 indices.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from protos.edistill.v1 import teacher_pb2 as pb
+from teacher_server.errors import InvalidRequest
+from teacher_server.signature import TORCH_OF_WIRE, TensorSpec
+
+__all__ = ["OutputPlan", "apply_plan", "plan_outputs"]
+
+_VALUE_DTYPES = (pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16)
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """One validated output request."""
+
+    name: str
+    transform: int  # pb.RAW | pb.PROBS | pb.LOG_PROBS
+    temperature: float  # 1.0 for RAW (nothing applied)
+    top_k: int
+    # torch dtype of the returned values; None keeps a non-float output's own dtype.
+    dtype: torch.dtype | None
+
+
+def plan_outputs(requested: Sequence[pb.OutputRequest], outputs: Sequence[TensorSpec]) -> tuple[OutputPlan, ...]:
+    """Validate the request's output list against the model's outputs.
+
+    An empty list means every output, RAW, float32 (non-float outputs as is).
+
+    Raises:
+        InvalidRequest: unknown name, bad transform, temperature, top_k or dtype.
+    """
+    by_name = {s.name: s for s in outputs}
+    if not requested:
+        return tuple(OutputPlan(s.name, pb.RAW, 1.0, 0, torch.float32 if s.dtype.is_floating_point else None)
+                     for s in outputs)
+    plans = []
+    for req in requested:
+        spec = by_name.get(req.name)
+        if spec is None:
+            raise InvalidRequest(f"unknown output {req.name!r}; this model has {', '.join(by_name)}")
+        if req.transform not in (pb.RAW, pb.PROBS, pb.LOG_PROBS):
+            raise InvalidRequest(f"output {req.name!r}: unknown transform {req.transform}")
+        temperature = req.temperature or 1.0
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise InvalidRequest(f"output {req.name!r}: temperature must be a finite number > 0, got {req.temperature}")
+        if req.transform == pb.RAW:
+            temperature = 1.0
+        elif not spec.dtype.is_floating_point:
+            raise InvalidRequest(f"output {req.name!r} is {spec.dtype_name}; probs/log-probs need a float output")
+        if req.top_k:
+            if not spec.shape:
+                raise InvalidRequest(f"output {req.name!r} has no dimension besides the batch; top_k needs one")
+            last = spec.shape[-1]
+            if last != -1 and req.top_k > last:
+                raise InvalidRequest(f"output {req.name!r}: top_k={req.top_k} exceeds its last dimension ({last})")
+        if req.dtype == pb.DATA_TYPE_UNSPECIFIED:
+            dtype = torch.float32 if spec.dtype.is_floating_point or req.transform != pb.RAW else None
+        elif req.dtype in _VALUE_DTYPES:
+            dtype = TORCH_OF_WIRE[req.dtype]
+        else:
+            raise InvalidRequest(f"output {req.name!r}: dtype must be float32, float16 or bfloat16, "
+                                 f"got {pb.DataType.Name(req.dtype) if req.dtype in pb.DataType.values() else req.dtype}")
+        plans.append(OutputPlan(req.name, req.transform, temperature, int(req.top_k), dtype))
+    return tuple(plans)
+
+
+def apply_plan(x: torch.Tensor, plan: OutputPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Apply ``plan`` to one request's output slice ``x`` (B, ..., C).
+
+    Returns (values, indices): values (B, ..., C) or (B, ..., k); indices
+    (B, ..., k) int64 for top-k, else None. Computed in float32 whatever the
+    model's precision, then cast to the requested dtype.
+    """
+    if plan.transform != pb.RAW:
+        z = x.float() / plan.temperature if plan.temperature != 1.0 else x.float()
+        x = torch.softmax(z, dim=-1) if plan.transform == pb.PROBS else torch.log_softmax(z, dim=-1)
+    indices = None
+    if plan.top_k:
+        if plan.top_k > x.shape[-1]:  # only reachable for free last dims
+            raise InvalidRequest(f"output {plan.name!r}: top_k={plan.top_k} exceeds its last dimension ({x.shape[-1]})")
+        x, indices = torch.topk(x, plan.top_k, dim=-1, largest=True, sorted=True)
+    if plan.dtype is not None and x.dtype != plan.dtype:
+        x = x.to(plan.dtype)
+    return x, indices
