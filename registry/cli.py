@@ -1,0 +1,182 @@
+"""``edistill registry ls|watch``: tables of the live teachers in a registry.
+
+Thin: argument parsing and printing only; the reads are
+:func:`registry.discovery.fetch_service` and :func:`registry.discovery.list_services`.
+The registry URL comes from ``--registry`` or, so that a password need not
+appear on a command line (and in ``ps``), from ``$EDISTILL_REGISTRY``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import TextIO
+
+from redis import exceptions as redis_exc
+
+from registry import keys
+from registry.connection import REGISTRY_URL_ENV, connect, map_redis_error
+from registry.discovery import ServiceView, fetch_service, list_services
+from registry.errors import RegistryConfigError
+from registry.urls import redact_url
+
+__all__ = ["add_commands", "cmd_ls", "cmd_watch", "fetch_views", "format_table"]
+
+_COLUMNS = ("SERVICE", "ENDPOINT", "MODEL", "VERSION", "DEVICE", "LOAD", "REQ/S", "AGE")
+_CLEAR = "\x1b[H\x1b[2J"  # cursor home + clear screen (ANSI; any terminal emulator)
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``registry ls`` and ``registry watch`` to the umbrella CLI."""
+    parser = subparsers.add_parser("registry", help="inspect the teacher registry (Redis)")
+    sub = parser.add_subparsers(dest="registry_command", required=True, metavar="SUBCOMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--registry",
+            default=os.environ.get(REGISTRY_URL_ENV),
+            metavar="URL",
+            help=f"Redis URL, e.g. redis://HOST:6379/0 or rediss://user:pass@HOST:6380/0 "
+            f"(default: ${REGISTRY_URL_ENV}; prefer it for URLs with a password)",
+        )
+        p.add_argument("--service", default=None, metavar="NAME", help="only this service (default: all)")
+
+    ls = sub.add_parser("ls", help="print a table of live teachers and exit")
+    common(ls)
+    ls.set_defaults(func=cmd_ls)
+
+    watch = sub.add_parser("watch", help="a live-updating table of teachers (Ctrl-C to quit)")
+    common(watch)
+    watch.add_argument("--interval-s", type=float, default=1.0, help="seconds between refreshes (default: 1)")
+    watch.add_argument("--count", type=int, default=0, help="stop after this many refreshes (default: 0 = forever)")
+    watch.set_defaults(func=cmd_watch)
+
+
+def _url(args: argparse.Namespace) -> str:
+    url = args.registry
+    if not url:
+        raise RegistryConfigError(f"no registry given: pass --registry redis://HOST:6379/0 or set ${REGISTRY_URL_ENV}")
+    if url == "local":
+        raise RegistryConfigError(
+            "--registry local starts a private embedded Redis inside a teacher or the demo, which "
+            "this command cannot see; pass that Redis's URL (the teacher logs it) instead"
+        )
+    return url
+
+
+def fetch_views(client: object, service: str | None) -> list[ServiceView]:
+    """One read of ``service`` (or of every service with live teachers)."""
+    names = [keys.validate_name(service, "--service")] if service else list_services(client)  # type: ignore[arg-type]
+    return [fetch_service(client, name, prune=False) for name in names]  # type: ignore[arg-type]
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def format_table(views: Sequence[ServiceView], rates: dict[str, float] | None = None) -> str:
+    """The teachers of ``views`` as an aligned plain-text table (one header line).
+
+    Args:
+        rates: teacher_id -> requests/s (``registry watch``); "-" where unknown.
+    """
+    rows = []
+    for view in views:
+        for endpoint, record in sorted(view.teachers.items()):
+            rate = (rates or {}).get(record.teacher_id)
+            rows.append(
+                (
+                    view.service,
+                    endpoint,
+                    record.model_name,
+                    record.model_version or "-",
+                    record.device,
+                    f"{record.load} ({record.in_flight}+{record.queued})",
+                    "-" if rate is None else f"{rate:.1f}",
+                    _age(view.server_time_s - record.started_at),
+                )
+            )
+    widths = [max(len(str(cell)) for cell in column) for column in zip(_COLUMNS, *rows)]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [_COLUMNS, *rows]]
+    return "\n".join(lines)
+
+
+def _bad_lines(views: Sequence[ServiceView]) -> list[str]:
+    return [f"skipped malformed record {teacher_id!r} in {view.service!r}: {error}" for view in views for teacher_id, error in view.bad.items()]
+
+
+def cmd_ls(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """``registry ls``: print the table once (or a line saying there are no live teachers). Returns 0."""
+    out = out or sys.stdout
+    url = _url(args)
+    client = connect(url)
+    try:
+        views = fetch_views(client, args.service)
+    except (redis_exc.RedisError, OSError) as exc:
+        raise map_redis_error(exc, url, "listing teachers") from exc
+    finally:
+        client.close()
+    for line in _bad_lines(views):
+        print(f"warning: {line}", file=sys.stderr)
+    if not any(view.teachers for view in views):
+        scope = f"service {args.service!r}" if args.service else "any service"
+        print(f"no live teachers in {scope} at {redact_url(url)}", file=out)
+        return 0
+    print(format_table(views), file=out)
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """``registry watch``: redraw the table every ``--interval-s`` until Ctrl-C (or ``--count``)."""
+    out = out or sys.stdout
+    url = _url(args)
+    if not args.interval_s > 0:
+        raise RegistryConfigError(f"--interval-s must be > 0, got {args.interval_s}")
+    redraw = out.isatty()
+    client = connect(url)
+    previous: dict[str, tuple[float, int]] = {}  # teacher_id -> (server time, requests_total)
+    views: list[ServiceView] = []
+    status = ""
+    refreshes = 0
+    try:
+        while True:
+            try:
+                views = fetch_views(client, args.service)
+                status = ""
+            except (redis_exc.RedisError, OSError) as exc:
+                status = f"registry unreachable, showing the last known teachers: {map_redis_error(exc, url, 'reading')}"
+            rates: dict[str, float] = {}
+            current: dict[str, tuple[float, int]] = {}
+            for view in views:
+                for record in view.teachers.values():
+                    current[record.teacher_id] = (record.updated_at, record.requests_total)
+                    before = previous.get(record.teacher_id)
+                    if before and record.updated_at > before[0]:
+                        rates[record.teacher_id] = (record.requests_total - before[1]) / (record.updated_at - before[0])
+            if not status:
+                previous = current
+            count = sum(len(view.teachers) for view in views)
+            header = f"edistill registry {redact_url(url)}  {count} live teacher(s)  {time.strftime('%H:%M:%S')}"
+            body = format_table(views, rates) if count else "(no live teachers)"
+            text = "\n".join(line for line in (header, status, body, *_bad_lines(views)) if line)
+            out.write((_CLEAR if redraw else "\n") + text + "\n")
+            out.flush()
+            refreshes += 1
+            if args.count and refreshes >= args.count:
+                return 0
+            time.sleep(args.interval_s)
+    except KeyboardInterrupt:
+        out.write("\n")
+        return 0
+    finally:
+        client.close()
