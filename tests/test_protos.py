@@ -1,0 +1,115 @@
+"""Tensor codec round-trips, malformed messages, and the generated-code staleness check."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from protos import codec
+from protos.edistill.v1 import teacher_pb2 as pb
+from tests.helpers.teacher_proc import REPO_ROOT
+
+TORCH_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8, torch.bool]
+
+
+def _sample(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=gen) > 0.5
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=gen).to(dtype)
+    return torch.randint(0, 200, shape, generator=gen).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 5), (0, 4), (2, 3, 4), ()], ids=["2d", "empty", "3d", "scalar"])
+def test_torch_roundtrip(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    t = _sample(dtype, shape)
+    msg = codec.encode(t, name="x")
+    assert msg.name == "x" and list(msg.shape) == list(shape)
+    assert len(msg.data) == t.numel() * t.element_size()
+    back = codec.to_torch(msg)
+    assert back.dtype == dtype and back.shape == t.shape
+    assert torch.equal(back, t)
+
+
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=str)
+def test_non_contiguous_torch_roundtrip(dtype: torch.dtype) -> None:
+    base = _sample(dtype, (6, 8))
+    for view in (base.t(), base[:, ::2], base[1::2, 1:5]):
+        assert not view.is_contiguous()
+        back = codec.to_torch(codec.encode(view))
+        assert torch.equal(back, view.contiguous())
+
+
+@pytest.mark.parametrize("np_dtype", ["float32", "float16", "int64", "int32", "uint8", "bool", ">f4", ">i8"])
+def test_numpy_roundtrip(np_dtype: str) -> None:
+    arr = (np.arange(24).reshape(4, 6) % 3).astype(np_dtype)[:, ::2]  # non-contiguous
+    back = codec.to_numpy(codec.encode(arr))
+    np.testing.assert_array_equal(back, arr)
+    assert back.dtype == arr.dtype.newbyteorder("<") or back.dtype == arr.dtype
+
+
+def test_bfloat16_numpy_view_is_raw_bits() -> None:
+    t = torch.tensor([1.0, -2.5], dtype=torch.bfloat16)
+    raw = codec.to_numpy(codec.encode(t))
+    assert raw.dtype == np.dtype("<u2")
+    assert np.array_equal(raw, t.view(torch.int16).numpy().view(np.uint16))
+
+
+def test_decode_views_the_message_bytes_read_only() -> None:
+    # upb hands out a fresh ``bytes`` per ``msg.data`` access; the codec adds
+    # no copy on top of it: the array's memory is owned by a bytes object.
+    msg = codec.encode(np.arange(16, dtype=np.float32))
+    arr = codec.to_numpy(msg)
+    assert not arr.flags.writeable
+    base = arr
+    while isinstance(base, np.ndarray):
+        base = base.base
+    assert isinstance(base, bytes) and base == msg.data
+    assert torch.equal(codec.to_torch(msg), torch.arange(16.0))
+
+
+def _msg(dtype: int, shape: list[int], nbytes: int) -> pb.Tensor:
+    return pb.Tensor(name="bad", dtype=dtype, shape=shape, data=b"\0" * nbytes)
+
+
+@pytest.mark.parametrize(
+    "msg, needle",
+    [
+        (_msg(pb.FLOAT32, [2, 3], 23), "needs 24 bytes, got 23"),  # truncated
+        (_msg(pb.FLOAT32, [2, 3], 25), "needs 24 bytes, got 25"),  # trailing garbage
+        (_msg(pb.DATA_TYPE_UNSPECIFIED, [1], 4), "unsupported dtype"),
+        (_msg(99, [1], 4), "unsupported dtype"),
+        (_msg(pb.INT64, [-1, 2], 0), "negative dimension"),
+        (_msg(pb.UINT8, [1 << 40, 1 << 30], 4), "needs"),  # huge declared shape, tiny data
+    ],
+    ids=["truncated", "too-long", "unspecified-dtype", "unknown-dtype", "negative-dim", "huge-shape"],
+)
+def test_malformed_messages_raise_codec_error(msg: pb.Tensor, needle: str) -> None:
+    for decode in (codec.to_numpy, codec.to_torch):
+        with pytest.raises(codec.CodecError, match=needle) as info:
+            decode(msg)
+        assert "'bad'" in str(info.value)  # names the tensor
+
+
+def test_max_elements_limit() -> None:
+    with pytest.raises(codec.CodecError, match="more than the limit"):
+        codec.to_numpy(_msg(pb.UINT8, [10, 10], 100), max_elements=99)
+
+
+@pytest.mark.parametrize("value", [np.zeros(2, np.float64), torch.zeros(2, dtype=torch.float64), [1.0, 2.0]],
+                         ids=["np-float64", "torch-float64", "list"])
+def test_unsupported_values_raise_codec_error(value) -> None:
+    with pytest.raises(codec.CodecError):
+        codec.encode(value)
+
+
+def test_generated_code_is_up_to_date() -> None:
+    proc = subprocess.run([sys.executable, "-m", "protos.generate", "--check"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
