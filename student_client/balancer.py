@@ -1,0 +1,67 @@
+"""Load-aware choice of a teacher for the next request.
+
+Each candidate's expected completion time is estimated as
+``(outstanding + 1) * latency_s``: the requests it already holds plus this one,
+each taking about its measured (EWMA) latency. The teacher with the smallest
+estimate wins, so a fast teacher takes more requests than a slow one and a
+teacher that just joined (no outstanding requests) is used at once.
+A teacher with no latency sample yet is assumed to be as fast as the fastest
+known one (optimistic, so it gets tried); ties go to the teacher picked least
+recently, which spreads a cold start round-robin.
+
+Not thread-safe: called under the pool's lock.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence, TypeVar
+
+__all__ = ["Candidate", "LatencyEwma", "pick"]
+
+
+class Candidate(Protocol):
+    """What the balancer needs to know about a teacher."""
+
+    outstanding: int  # requests sent and not yet answered
+    latency: "LatencyEwma"
+    last_pick: int  # pick sequence number of the last time it was chosen
+
+
+C = TypeVar("C", bound=Candidate)
+
+
+class LatencyEwma:
+    """Exponentially weighted moving average of a teacher's answer latency.
+
+    ``alpha`` is the weight of the newest sample: 0.2 follows a change in load
+    within ~5 answers while smoothing out single slow batches.
+    """
+
+    __slots__ = ("alpha", "value_s")
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        self.alpha = alpha
+        self.value_s: float | None = None  # None until the first sample
+
+    def add(self, sample_s: float) -> None:
+        """Fold one latency sample (seconds) into the average."""
+        v = self.value_s
+        self.value_s = sample_s if v is None else v + self.alpha * (sample_s - v)
+
+
+def pick(candidates: Sequence[C]) -> C | None:
+    """The candidate with the smallest expected completion time, or None if empty."""
+    if not candidates:
+        return None
+    known = [c.latency.value_s for c in candidates if c.latency.value_s is not None]
+    # Optimistic prior for teachers never measured; 1 ms when nothing is known
+    # (then only the outstanding count and the tie-break decide).
+    prior = min(known) if known else 1e-3
+    best = None
+    best_key = None
+    for c in candidates:
+        lat = c.latency.value_s
+        key = ((c.outstanding + 1) * (prior if lat is None else lat), c.last_pick)
+        if best_key is None or key < best_key:
+            best, best_key = c, key
+    return best

@@ -1,0 +1,86 @@
+"""A per-teacher circuit breaker.
+
+States::
+
+    CLOSED --failure--> OPEN --(open_until reached)--> HALF_OPEN --probe ok--> CLOSED
+                          ^                                |
+                          +-------- probe failed ----------+  (longer backoff)
+
+* CLOSED: the teacher takes requests up to its in-flight limit.
+* OPEN: no requests until ``open_until`` (jittered exponential backoff in the
+  number of consecutive failed probes).
+* HALF_OPEN: exactly one request (the probe) may be in flight; its outcome
+  closes or re-opens the breaker.
+
+Failures of requests that were already in flight when the breaker opened do
+not lengthen the backoff: one teacher dying with 4 requests in flight is one
+failure, not four.
+
+Not thread-safe: the owning :class:`~student_client.pool.TeacherPool` calls it
+under its lock.
+"""
+
+from __future__ import annotations
+
+from .backoff import ExponentialBackoff
+
+__all__ = ["CircuitBreaker"]
+
+CLOSED = "closed"
+OPEN = "open"
+HALF_OPEN = "half_open"
+
+
+class CircuitBreaker:
+    """Decides whether a teacher may take a request now."""
+
+    def __init__(self, backoff: ExponentialBackoff) -> None:
+        self._backoff = backoff
+        self.state = CLOSED
+        self.failures = 0  # consecutive failures (first failure + failed probes)
+        self.open_until = 0.0  # monotonic seconds; meaningful when OPEN
+        self.probe_in_flight = False
+
+    def available(self, now: float) -> bool:
+        """Whether a request may be sent now (does not change state)."""
+        if self.state == CLOSED:
+            return True
+        if self.state == OPEN:
+            return now >= self.open_until
+        return not self.probe_in_flight
+
+    def on_send(self, now: float) -> bool:
+        """Record that a request is being sent; returns True if it is the probe."""
+        if self.state == OPEN and now >= self.open_until:
+            self.state = HALF_OPEN
+        if self.state == HALF_OPEN:
+            self.probe_in_flight = True
+            return True
+        return False
+
+    def on_success(self) -> None:
+        """An answer arrived: the teacher is healthy."""
+        self.state = CLOSED
+        self.failures = 0
+        self.probe_in_flight = False
+
+    def on_failure(self, now: float, *, probe: bool) -> None:
+        """A request failed in a way that blames the teacher."""
+        if self.state == CLOSED or (self.state == HALF_OPEN and probe):
+            self.failures += 1
+            self.state = OPEN
+            self.open_until = now + self._backoff.delay_s(self.failures)
+            self.probe_in_flight = False
+        # OPEN, or a non-probe straggler in HALF_OPEN: already accounted for
+
+    def on_abandon(self, *, probe: bool) -> None:
+        """A request was withdrawn before it had an outcome (cancelled, teacher removed)."""
+        if probe:
+            self.probe_in_flight = False
+
+    def describe(self, now: float) -> str:
+        """``"closed"``, ``"open for 1.2 s"`` or ``"half-open"``."""
+        if self.state == OPEN:
+            left = self.open_until - now
+            return f"open for {left:.1f} s more" if left > 0 else "open (probe due)"
+        return "half-open" if self.state == HALF_OPEN else "closed"

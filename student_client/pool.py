@@ -1,0 +1,682 @@
+"""TeacherPool: remote teachers over gRPC as one knowledge source.
+
+One channel per teacher endpoint; each batch goes to the teacher with the
+smallest expected completion time (:mod:`.balancer`), at most
+``max_in_flight_per_teacher`` per teacher, each call with a deadline. A
+failing teacher is taken out of rotation by its circuit breaker
+(:mod:`.breaker`) and probed again after a jittered exponential backoff; its
+batches are re-sent to another teacher. Endpoints can be added and removed
+live with :meth:`TeacherPool.set_endpoints`.
+
+Which gRPC codes are retried (decided here, see ``_classify``):
+
+* Teacher trouble, re-sent elsewhere and counted against the teacher's
+  breaker: UNAVAILABLE (down, restarting, unreachable), DEADLINE_EXCEEDED
+  (hung or overloaded), RESOURCE_EXHAUSTED (its queue is full), ABORTED, and
+  CANCELLED by the server (e.g. it is shutting down).
+* Maybe the batch's fault: INTERNAL and UNKNOWN (a crash in the model or the
+  server) are re-sent to another teacher, at most
+  ``max_server_error_attempts`` times per batch, then surface as
+  TeacherRequestError so a batch that crashes every teacher is not retried
+  forever.
+* The user's fault, never retried, surfaced at once with the teacher's message:
+  INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE, NOT_FOUND,
+  ALREADY_EXISTS, PERMISSION_DENIED, UNAUTHENTICATED, UNIMPLEMENTED, DATA_LOSS.
+
+Liveness: whenever batches are waiting and no teacher has answered anything
+for ``wait_timeout_s``, every waiting batch fails with NoTeacherAvailableError
+naming each endpoint and its last error. Nothing waits forever.
+
+Concurrency (read before changing anything here):
+
+* One lock (``self._lock``, also the dispatcher's condition) guards all
+  mutable state: the queue, the live request table, teachers, counters,
+  breakers. It is never held while calling into gRPC (starting, cancelling a
+  call, closing a channel) or while resolving a user future: gRPC may run a
+  done-callback synchronously in the calling thread, and future callbacks may
+  call back into the pool; both would deadlock on a held lock.
+* Work is therefore decided under the lock (a slot reserved, an ``_Attempt``
+  created) and carried out after releasing it.
+* Every ``_Request`` is settled (its future resolved) exactly once, guarded by
+  ``request.settled`` under the lock. Every ``_Attempt`` finishes exactly once
+  (``attempt.finished``), which frees its teacher slot; an answer for a
+  finished attempt is a late answer and is dropped.
+* Sends happen in the thread that makes a slot free: the submitting thread,
+  a gRPC callback thread, or the dispatcher thread, which also fires breaker
+  timers and the ``wait_timeout_s`` watchdog. The success path never wakes the
+  dispatcher, to keep per-request overhead low.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+
+from protos import codec
+from protos.edistill.v1 import teacher_pb2 as pb
+
+from .balancer import LatencyEwma, pick
+from .breaker import CircuitBreaker
+from .config import PoolConfig
+from .errors import (
+    ConfigError,
+    NoTeacherAvailableError,
+    SourceClosedError,
+    StudentError,
+    TeacherRequestError,
+    TeacherResponseError,
+)
+from .outputs import OutputSpec, TeacherValue, decode_response, normalize_outputs, output_requests
+from .sources import KnowledgeSource
+from .stats import PoolStats, TeacherStats, percentile
+
+if TYPE_CHECKING:
+    import grpc
+    import torch
+
+__all__ = ["ChannelFactory", "StubFactory", "TeacherPool"]
+
+logger = logging.getLogger(__name__)
+
+#: ``channel_factory(endpoint, options) -> grpc.Channel``-like object with ``close()``.
+ChannelFactory = Callable[[str, Sequence[tuple[str, Any]]], Any]
+#: ``stub_factory(channel) -> stub`` whose ``Predict.future(request, timeout=s)``
+#: returns a ``grpc.Future`` that is also a ``grpc.Call``.
+StubFactory = Callable[[Any], Any]
+
+_FATAL = frozenset({
+    "INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE", "NOT_FOUND", "ALREADY_EXISTS",
+    "PERMISSION_DENIED", "UNAUTHENTICATED", "UNIMPLEMENTED", "DATA_LOSS",
+})
+_SERVER_ERROR = frozenset({"INTERNAL", "UNKNOWN"})
+# everything else (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED,
+# CANCELLED) is teacher trouble: retry elsewhere.
+
+# The dispatcher wakes at least this often to fire breaker timers and the
+# wait_timeout_s watchdog (10 wakeups/s cost well under 0.1% of a core).
+_TICK_S = 0.1
+
+
+def _classify(code_name: str) -> str:
+    """``"fatal"``, ``"server_error"`` or ``"retry"`` for a gRPC status code name."""
+    if code_name in _FATAL:
+        return "fatal"
+    if code_name in _SERVER_ERROR:
+        return "server_error"
+    return "retry"
+
+
+def _default_channel_factory(endpoint: str, options: Sequence[tuple[str, Any]]):
+    import grpc
+
+    return grpc.insecure_channel(endpoint, options=list(options))
+
+
+def _default_stub_factory(channel):
+    from protos.edistill.v1 import teacher_pb2_grpc
+
+    return teacher_pb2_grpc.TeacherStub(channel)
+
+
+def _rpc_code_and_details(exc: BaseException) -> tuple[str, str]:
+    """Status code name and message of a gRPC error (or of any exception)."""
+    code = getattr(exc, "code", None)
+    details = getattr(exc, "details", None)
+    try:
+        name = code().name if callable(code) else "UNKNOWN"
+    except Exception:  # a non-grpc exception with an odd code attribute
+        name = "UNKNOWN"
+    try:
+        text = details() if callable(details) else str(exc)
+    except Exception:
+        text = str(exc)
+    return name, (text or "")
+
+
+class _Request:
+    """One batch, from submit() until its future is settled."""
+
+    __slots__ = ("seq", "batch_id", "message", "future", "attempt", "attempts", "failed_on",
+                 "server_errors", "settled")
+
+    def __init__(self, seq: int, batch_id: Any, message: pb.PredictRequest, future: Future) -> None:
+        self.seq = seq
+        self.batch_id = batch_id
+        self.message = message  # reused unchanged by every attempt
+        self.future = future
+        self.attempt: _Attempt | None = None  # the current attempt, if any
+        self.attempts = 0
+        self.failed_on: set[str] = set()  # endpoints that failed it: prefer others
+        self.server_errors = 0
+        self.settled = False
+
+    def __lt__(self, other: "_Request") -> bool:  # heap order: oldest batch first
+        return self.seq < other.seq
+
+
+class _Attempt:
+    """One Predict call of one request on one teacher."""
+
+    __slots__ = ("request", "teacher", "started_at", "probe", "call", "finished")
+
+    def __init__(self, request: _Request, teacher: "_Teacher", started_at: float, probe: bool) -> None:
+        self.request = request
+        self.teacher = teacher
+        self.started_at = started_at
+        self.probe = probe
+        self.call = None  # the grpc future, once started
+        self.finished = False
+
+
+class _Teacher:
+    """One endpoint: its channel, breaker, load and counters."""
+
+    def __init__(self, endpoint: str, channel, stub, config: PoolConfig) -> None:
+        self.endpoint = endpoint
+        self.channel = channel
+        self.predict = stub.Predict
+        self.breaker = CircuitBreaker(config.backoff)
+        self.latency = LatencyEwma(config.latency_ewma_alpha)
+        self.samples: collections.deque[float] = collections.deque(maxlen=config.latency_samples)
+        self.outstanding = 0
+        self.last_pick = 0
+        self.inflight: set[_Attempt] = set()
+        self.live = True
+        self.requests = 0
+        self.successes = 0
+        self.failures: collections.Counter[str] = collections.Counter()
+        self.retries = 0
+        self.failovers = 0
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+
+    def describe(self, now: float) -> str:
+        err = "no errors"
+        if self.last_error is not None:
+            err = f"last error {self.last_error} ({now - (self.last_error_at or now):.1f} s ago)"
+        return f"{self.breaker.describe(now)}, {self.outstanding} in flight, {err}"
+
+    def snapshot(self, now: float) -> TeacherStats:
+        s = sorted(self.samples)
+        return TeacherStats(
+            endpoint=self.endpoint, live=self.live, state=self.breaker.describe(now),
+            outstanding=self.outstanding, requests=self.requests, successes=self.successes,
+            failures=dict(self.failures), retries=self.retries, failovers=self.failovers,
+            last_error=self.last_error, latency_ewma_s=self.latency.value_s,
+            latency_p50_s=percentile(s, 50), latency_p90_s=percentile(s, 90), latency_p99_s=percentile(s, 99),
+        )
+
+
+@dataclass
+class _Work:
+    """Side effects decided under the lock, carried out after releasing it."""
+
+    starts: list
+    settle: list  # (request, result, exception)
+    cancel: list  # grpc calls
+    close: list  # channels
+
+    @classmethod
+    def new(cls) -> "_Work":
+        return cls([], [], [], [])
+
+
+class TeacherPool(KnowledgeSource):
+    """Remote teachers behind one :class:`KnowledgeSource`.
+
+    Args:
+        endpoints: initial ``host:port`` addresses (may be empty when a
+            registry fills them in later via :meth:`set_endpoints`).
+        outputs: the teacher outputs every request asks for.
+        config: timeouts, limits and backoff (:class:`PoolConfig`).
+        channel_factory: ``(endpoint, options) -> channel``; default
+            ``grpc.insecure_channel``. Inject fakes in unit tests, or a secure
+            channel builder.
+        stub_factory: ``channel -> stub`` with ``stub.Predict.future``; default
+            the generated ``TeacherStub``.
+
+    Raises:
+        ConfigError: bad endpoints or outputs.
+    """
+
+    def __init__(self, endpoints: Iterable[str] = (), outputs: Sequence[str | OutputSpec] | str = ("logits",),
+                 *, config: PoolConfig | None = None, channel_factory: ChannelFactory | None = None,
+                 stub_factory: StubFactory | None = None) -> None:
+        self._config = config if config is not None else PoolConfig()
+        if not isinstance(self._config, PoolConfig):
+            raise ConfigError(f"config must be a PoolConfig, got {type(self._config).__name__}")
+        self._specs = normalize_outputs(outputs)
+        self._output_msgs = output_requests(self._specs)
+        self._channel_factory = channel_factory or _default_channel_factory
+        self._stub_factory = stub_factory or _default_stub_factory
+        self._channel_options = self._config.channel_options()
+        self._id = uuid.uuid4().hex[:8]  # distinguishes request ids of pools in one job
+        self._seq = itertools.count(1)  # next() is atomic under the GIL
+
+        self._lock = threading.Condition(threading.Lock())
+        self._closed = False
+        self._kick = False  # dispatcher has something to do now
+        self._teachers: dict[str, _Teacher] = {}
+        self._retired: list[_Teacher] = []
+        self._queue: list[_Request] = []  # heap by seq: retries of older batches go first
+        self._live: dict[int, _Request] = {}  # unsettled requests by seq
+        self._stall_since = time.monotonic()  # last answer, or when work started waiting
+        self._pick_seq = 0
+        self._n = collections.Counter()  # pool-wide counters, see PoolStats
+
+        self.set_endpoints(endpoints)
+        self._thread = threading.Thread(target=self._dispatch_loop, name=f"edistill-pool-{self._id}",
+                                        daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ API
+
+    @property
+    def outputs(self) -> tuple[OutputSpec, ...]:
+        """The output specs every request asks for."""
+        return self._specs
+
+    @property
+    def config(self) -> PoolConfig:
+        """The pool's configuration."""
+        return self._config
+
+    @property
+    def endpoints(self) -> list[str]:
+        """The current teacher endpoints."""
+        with self._lock:
+            return list(self._teachers)
+
+    def submit(self, inputs: Mapping[str, "torch.Tensor"], *, batch_id: Any) -> "Future[dict[str, TeacherValue]]":
+        """Send one batch to a teacher; see :class:`KnowledgeSource`.
+
+        Raises:
+            ConfigError: an input that cannot be encoded or is over the message limit.
+            SourceClosedError: the pool is closed.
+        """
+        seq = next(self._seq)
+        msg = pb.PredictRequest(request_id=f"{self._id}-{seq}")
+        try:
+            for name, value in inputs.items():
+                codec.encode(value, msg.inputs.add(), name=name)
+        except (codec.CodecError, AttributeError) as exc:
+            raise ConfigError(f"cannot send batch {batch_id} to a teacher: {exc}") from exc
+        msg.outputs.extend(self._output_msgs)
+        size = msg.ByteSize()
+        if size > self._config.max_message_bytes:
+            raise ConfigError(
+                f"batch {batch_id} encodes to {size / 2**20:.1f} MiB, over max_message_bytes="
+                f"{self._config.max_message_bytes / 2**20:.0f} MiB; send smaller batches or raise "
+                "PoolConfig.max_message_bytes (and the teachers' limit)")
+        fut: Future = Future()
+        req = _Request(seq, batch_id, msg, fut)
+        work = _Work.new()
+        with self._lock:
+            if self._closed:
+                raise SourceClosedError("TeacherPool is closed; create a new one to submit more batches")
+            now = time.monotonic()
+            if not self._live:
+                self._stall_since = now  # the wait for an answer starts now
+            self._live[seq] = req
+            self._n["submitted"] += 1
+            heapq.heappush(self._queue, req)
+            self._assign_locked(now, work)
+            if self._queue:  # no teacher free: let the dispatcher time it
+                self._kick_locked()
+        self._do(work)
+        fut.add_done_callback(partial(self._on_future_done, req))
+        return fut
+
+    def set_endpoints(self, endpoints: Iterable[str]) -> None:
+        """Make the pool's teachers exactly ``endpoints``.
+
+        New endpoints get a channel and are used at once; removed ones stop
+        getting requests, the batches they hold are re-sent elsewhere, and
+        their late answers are dropped. Safe to call from any thread (e.g. a
+        registry watcher's callback).
+        """
+        if isinstance(endpoints, str):
+            endpoints = [endpoints]
+        wanted: list[str] = []
+        for e in endpoints:
+            if not isinstance(e, str) or not e.strip() or any(c.isspace() for c in e.strip()):
+                raise ConfigError(f"teacher endpoints must be 'host:port' strings, got {e!r}")
+            if e.strip() not in wanted:
+                wanted.append(e.strip())
+        work = _Work.new()
+        with self._lock:
+            if self._closed:
+                raise SourceClosedError("TeacherPool is closed")
+            now = time.monotonic()
+            for endpoint in [e for e in self._teachers if e not in wanted]:
+                t = self._teachers.pop(endpoint)
+                t.live = False
+                self._retired.append(t)
+                for a in list(t.inflight):
+                    self._abandon_locked(a, work)
+                    t.failovers += 1
+                    self._requeue_locked(a.request)
+                work.close.append(t.channel)
+                logger.info("teacher %s removed (%d batches re-sent)", endpoint, t.failovers)
+            for endpoint in wanted:
+                if endpoint not in self._teachers:
+                    channel = self._channel_factory(endpoint, self._channel_options)
+                    self._teachers[endpoint] = _Teacher(endpoint, channel, self._stub_factory(channel),
+                                                        self._config)
+                    logger.info("teacher %s added", endpoint)
+            self._assign_locked(now, work)
+            self._kick_locked()
+        self._do(work)
+
+    def stats(self) -> PoolStats:
+        """A snapshot of the pool's and every teacher's counters."""
+        with self._lock:
+            now = time.monotonic()
+            teachers = {}
+            for t in self._retired + list(self._teachers.values()):
+                teachers[t.endpoint if t.endpoint not in teachers else f"{t.endpoint}#{len(teachers)}"] = \
+                    t.snapshot(now)
+            n = self._n
+            return PoolStats(submitted=n["submitted"], completed=n["completed"], failed=n["failed"],
+                             cancelled=n["cancelled"], retries=n["retries"],
+                             late_answers_dropped=n["late"], teachers=teachers)
+
+    def close(self) -> None:
+        """Stop the pool: pending batches fail with SourceClosedError, channels close. Idempotent."""
+        work = _Work.new()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for t in self._teachers.values():
+                t.live = False
+                for a in list(t.inflight):
+                    self._abandon_locked(a, work)
+                work.close.append(t.channel)
+            for r in list(self._live.values()):
+                self._settle_locked(r, None, SourceClosedError(
+                    f"TeacherPool closed while batch {r.batch_id} was waiting for a teacher"), work)
+            self._lock.notify_all()
+        self._do(work)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5.0)
+
+    # ------------------------------------------------------- under the lock
+
+    def _kick_locked(self) -> None:
+        self._kick = True
+        self._lock.notify()
+
+    def _assign_locked(self, now: float, work: _Work) -> None:
+        """Give queued requests (oldest first) to free teachers."""
+        limit = self._config.max_in_flight_per_teacher
+        queue = self._queue
+        while queue:
+            r = queue[0]
+            if r.settled:  # cancelled or expired while queued
+                heapq.heappop(queue)
+                continue
+            cands = [t for t in self._teachers.values() if t.outstanding < limit and t.breaker.available(now)]
+            if not cands:
+                return
+            if r.failed_on:
+                fresh = [t for t in cands if t.endpoint not in r.failed_on]
+                cands = fresh or cands
+            t = pick(cands)
+            heapq.heappop(queue)
+            self._pick_seq += 1
+            t.last_pick = self._pick_seq
+            a = _Attempt(r, t, now, t.breaker.on_send(now))
+            if r.attempts:
+                t.retries += 1
+            r.attempts += 1
+            r.attempt = a
+            t.outstanding += 1
+            t.requests += 1
+            t.inflight.add(a)
+            work.starts.append(a)
+
+    def _abandon_locked(self, a: _Attempt, work: _Work) -> None:
+        """Withdraw an in-flight attempt: free its slot; its answer will be dropped."""
+        if a.finished:
+            return
+        a.finished = True
+        t = a.teacher
+        t.outstanding -= 1
+        t.inflight.discard(a)
+        t.breaker.on_abandon(probe=a.probe)
+        if a.call is not None:
+            work.cancel.append(a.call)
+
+    def _requeue_locked(self, r: _Request) -> None:
+        if not r.settled:
+            self._n["retries"] += 1
+            heapq.heappush(self._queue, r)
+
+    def _settle_locked(self, r: _Request, result, exc: BaseException | None, work: _Work) -> None:
+        if r.settled:
+            return
+        r.settled = True
+        del self._live[r.seq]
+        if exc is not None:
+            self._n["failed"] += 1
+        work.settle.append((r, result, exc))
+
+    def _expire_locked(self, now: float, work: _Work) -> None:
+        """Fail everything waiting if no teacher has answered for wait_timeout_s."""
+        waited = now - self._stall_since
+        if not self._live or waited < self._config.wait_timeout_s:
+            return
+        endpoints = {e: t.describe(now) for e, t in self._teachers.items()}
+        if endpoints:
+            where = "; ".join(f"{e}: {d}" for e, d in endpoints.items())
+            hint = "check that the teacher servers are running and reachable from this host, or raise wait_timeout_s"
+        else:
+            where = "the pool has no teacher endpoints"
+            if self._retired:
+                where += f" (removed: {', '.join(t.endpoint for t in self._retired[-5:])})"
+            hint = "pass teachers=['host:port', ...] or check that the registry lists live teachers for the service"
+        message = (f"no teacher answered for {waited:.1f} s (wait_timeout_s={self._config.wait_timeout_s:g}) "
+                   f"while {len(self._live)} batch(es) waited; teachers: {where}. What to do: {hint}.")
+        logger.error("%s", message)
+        for t in self._teachers.values():
+            for a in list(t.inflight):
+                self._abandon_locked(a, work)
+        for r in list(self._live.values()):
+            self._settle_locked(r, None, NoTeacherAvailableError(
+                message, endpoints=endpoints, wait_timeout_s=self._config.wait_timeout_s), work)
+        self._stall_since = now
+
+    def _next_wakeup_locked(self, now: float) -> float:
+        if not self._live:
+            return _TICK_S
+        due = self._stall_since + self._config.wait_timeout_s - now
+        if self._queue:
+            for t in self._teachers.values():
+                if t.breaker.state == "open":
+                    due = min(due, t.breaker.open_until - now)
+        return max(0.0, min(_TICK_S, due))
+
+    # ------------------------------------------------------- outside the lock
+
+    def _do(self, work: _Work) -> None:
+        """Carry out decided side effects; never called with the lock held."""
+        for call in work.cancel:
+            call.cancel()
+        for channel in work.close:
+            try:
+                channel.close()
+            except Exception:  # closing is best effort; the channel is dropped anyway
+                logger.debug("closing a teacher channel failed", exc_info=True)
+        for a in work.starts:
+            self._start(a)
+        for r, result, exc in work.settle:
+            try:
+                if exc is not None:
+                    r.future.set_exception(exc)
+                else:
+                    r.future.set_result(result)
+            except InvalidStateError:  # the caller cancelled it meanwhile
+                pass
+
+    def _start(self, a: _Attempt) -> None:
+        try:
+            call = a.teacher.predict.future(a.request.message, timeout=self._config.timeout_s)
+        except Exception as exc:  # e.g. the channel was closed by a concurrent removal
+            self._finish(a, None, exc)
+            return
+        with self._lock:
+            a.call = call
+            cancel_now = a.finished  # abandoned before the call existed
+        if cancel_now:
+            call.cancel()
+        call.add_done_callback(partial(self._on_call_done, a))
+
+    def _on_call_done(self, a: _Attempt, call) -> None:
+        """gRPC callback thread: one attempt has an outcome."""
+        if call.cancelled():
+            self._finish(a, None, None, cancelled=True)
+            return
+        exc = call.exception()
+        self._finish(a, call.result() if exc is None else None, exc)
+
+    def _finish(self, a: _Attempt, resp, exc: BaseException | None, *, cancelled: bool = False) -> None:
+        now = time.monotonic()
+        work = _Work.new()
+        decode = False
+        with self._lock:
+            if a.finished:  # re-sent or withdrawn meanwhile: drop the late outcome
+                if resp is not None:
+                    self._n["late"] += 1
+                return
+            a.finished = True
+            t, r = a.teacher, a.request
+            t.outstanding -= 1
+            t.inflight.discard(a)
+            if exc is None and not cancelled:
+                t.breaker.on_success()
+                latency = now - a.started_at
+                t.latency.add(latency)
+                t.samples.append(latency)
+                t.successes += 1
+                self._stall_since = now
+                if r.settled:
+                    self._n["late"] += 1
+                else:
+                    decode = True
+                    r.settled = True  # decoded and resolved below, outside the lock
+                    del self._live[r.seq]
+            else:
+                code, details = ("CANCELLED", "cancelled") if cancelled else _rpc_code_and_details(exc)
+                t.failures[code] += 1
+                t.last_error, t.last_error_at = f"{code}: {details}", now
+                kind = _classify(code)
+                if kind == "fatal":
+                    # The teacher is alive and answered: not its failure.
+                    if a.probe:
+                        t.breaker.on_success()
+                    self._stall_since = now
+                    self._settle_locked(r, None, self._request_error(
+                        f"teacher {t.endpoint} rejected batch {r.batch_id} with {code}: {details}",
+                        code, details, t, r, exc), work)
+                else:
+                    t.breaker.on_failure(now, probe=a.probe)
+                    logger.warning("teacher %s failed batch %s with %s: %s; re-sending it", t.endpoint,
+                                   r.batch_id, code, details)
+                    if kind == "server_error":
+                        r.server_errors += 1
+                    if kind == "server_error" and r.server_errors >= self._config.max_server_error_attempts:
+                        self._settle_locked(r, None, self._request_error(
+                            f"batch {r.batch_id} failed with a teacher-side error {r.server_errors} times "
+                            f"(last: teacher {t.endpoint}, {code}: {details}); the batch may crash the "
+                            "teacher model, see the teacher's log", code, details, t, r, exc), work)
+                    else:
+                        r.failed_on.add(t.endpoint)
+                        t.failovers += 1
+                        self._requeue_locked(r)
+                        self._kick_locked()
+            self._assign_locked(now, work)
+        self._do(work)
+        if decode:
+            self._deliver(r, resp, t.endpoint)
+
+    @staticmethod
+    def _request_error(message: str, code: str, details: str, t: _Teacher, r: _Request,
+                       exc: BaseException | None) -> TeacherRequestError:
+        err = TeacherRequestError(message, code=code, details=details, endpoint=t.endpoint, batch_id=r.batch_id)
+        err.__cause__ = exc  # the grpc.RpcError, as `raise ... from exc` would
+        return err
+
+    def _deliver(self, r: _Request, resp: pb.PredictResponse, endpoint: str) -> None:
+        try:
+            if resp.request_id != r.message.request_id:
+                raise TeacherResponseError(
+                    f"teacher {endpoint} answered request {r.message.request_id} with the id "
+                    f"{resp.request_id!r}", endpoint=endpoint, batch_id=r.batch_id)
+            result = decode_response(resp, self._specs, endpoint=endpoint, batch_id=r.batch_id)
+        except StudentError as exc:
+            with self._lock:
+                self._n["failed"] += 1
+            self._set(r.future, None, exc)
+            return
+        with self._lock:
+            self._n["completed"] += 1
+        self._set(r.future, result, None)
+
+    @staticmethod
+    def _set(fut: Future, result, exc) -> None:
+        try:
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
+        except InvalidStateError:
+            pass
+
+    def _on_future_done(self, r: _Request, fut: Future) -> None:
+        """The caller cancelled the batch: withdraw it (its answer is no longer wanted)."""
+        if not fut.cancelled():
+            return
+        work = _Work.new()
+        with self._lock:
+            if r.settled:
+                return
+            self._n["cancelled"] += 1
+            r.settled = True
+            del self._live[r.seq]
+            if r.attempt is not None:
+                self._abandon_locked(r.attempt, work)
+            if not self._closed:
+                self._assign_locked(time.monotonic(), work)
+        self._do(work)
+
+    # ------------------------------------------------------------ dispatcher
+
+    def _dispatch_loop(self) -> None:
+        """Fire breaker timers, send queued work and run the wait_timeout_s watchdog."""
+        while True:
+            work = _Work.new()
+            with self._lock:
+                if self._closed:
+                    return
+                if not self._kick:
+                    self._lock.wait(self._next_wakeup_locked(time.monotonic()))
+                self._kick = False
+                if self._closed:
+                    return
+                now = time.monotonic()
+                self._assign_locked(now, work)
+                self._expire_locked(now, work)
+            try:
+                self._do(work)
+            except Exception:  # keep the watchdog alive whatever a callback did
+                logger.exception("teacher pool dispatcher step failed")

@@ -1,0 +1,91 @@
+"""Snapshots of the counters kept by the teacher pool and the reader.
+
+These are plain immutable values, taken under the owner's lock, so users can
+log or compare them freely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+__all__ = ["PoolStats", "ReaderStats", "TeacherStats", "percentile"]
+
+
+def percentile(sorted_samples: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile ``q`` in [0, 100] of already sorted samples (None if empty)."""
+    if not sorted_samples:
+        return None
+    i = min(len(sorted_samples) - 1, max(0, round(q / 100.0 * (len(sorted_samples) - 1))))
+    return float(sorted_samples[i])
+
+
+@dataclass(frozen=True)
+class TeacherStats:
+    """Counters of one teacher endpoint (live or removed).
+
+    Attributes:
+        requests: Predict calls sent to it (retries included).
+        successes: calls it answered with outputs.
+        failures: failed calls by gRPC code name.
+        retries: calls to it that were re-sends of a batch first sent elsewhere.
+        failovers: batches taken away from it and re-sent (it failed or was removed).
+        latency_*_s: answer latency, EWMA and percentiles of recent samples.
+    """
+
+    endpoint: str
+    live: bool
+    state: str
+    outstanding: int
+    requests: int
+    successes: int
+    failures: dict[str, int]
+    retries: int
+    failovers: int
+    last_error: str | None
+    latency_ewma_s: float | None
+    latency_p50_s: float | None
+    latency_p90_s: float | None
+    latency_p99_s: float | None
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """Counters of a teacher pool.
+
+    Attributes:
+        submitted: batches submitted.
+        completed: batches answered with outputs.
+        failed: batches that resolved with an error (not counting cancellations).
+        cancelled: batches whose caller withdrew them.
+        retries: re-sends after a failure or a removed teacher.
+        late_answers_dropped: answers that arrived after their batch had been
+            re-sent or withdrawn (never delivered twice).
+        teachers: per-endpoint counters, removed endpoints included.
+    """
+
+    submitted: int
+    completed: int
+    failed: int
+    cancelled: int
+    retries: int
+    late_answers_dropped: int
+    teachers: dict[str, TeacherStats] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReaderStats:
+    """What a DistillReader did so far.
+
+    Attributes:
+        batches: batches delivered to the training loop.
+        epochs: epochs started.
+        wait_s: time the training loop spent blocked on teacher outputs; a
+            large share of the training time means more teachers would help.
+        source: the knowledge source's own stats (a PoolStats for teachers).
+    """
+
+    batches: int
+    epochs: int
+    wait_s: float
+    source: Any = None
