@@ -11,7 +11,6 @@ stall a heartbeat for seconds while Redis is down.
 
 from __future__ import annotations
 
-import os
 
 import redis
 from redis import exceptions as redis_exc
@@ -85,7 +84,6 @@ def connect(
             socket_connect_timeout=connect_timeout_s,
             health_check_interval=health_check_interval_s,
             retry=Retry(NoBackoff(), 0),
-            client_name=f"edistill-registry-{os.getpid()}",
         )
     except (ValueError, TypeError) as exc:
         raise RegistryConfigError(

@@ -251,9 +251,11 @@ class EmbeddedRedis:
                         f"{self._host}:{self._port}; its log:\n{self._log_tail(log_path)}"
                     )
                 try:
-                    if client.ping():
+                    # Check the pid, not just PING: another server already on
+                    # this port would answer PING while ours fails to bind.
+                    if int(client.info("server")["process_id"]) == self._proc.pid:
                         return
-                except redis.RedisError:
+                except (redis.RedisError, KeyError, ValueError):
                     pass
                 if time.monotonic() > deadline:
                     self._terminate(timeout_s=2.0)

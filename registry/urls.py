@@ -7,7 +7,7 @@ password back (e.g. a redis-py error message) goes through :func:`scrub`.
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 __all__ = ["REDACTED", "redact_url", "scrub", "url_password"]
 
@@ -56,7 +56,11 @@ def redact_url(url: str) -> str:
                     [(k, REDACTED if k in _SECRET_QUERY_KEYS else v) for k, v in pairs],
                     quote_via=quote,
                 )
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        if netloc == parts.netloc and query == parts.query:
+            return url
+        # Built by hand: urlunsplit drops the empty authority of unix:///path.
+        text = f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else f"{netloc}{parts.path}"
+        return text + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
     except ValueError:
         return "<unparseable Redis URL>"
 

@@ -222,8 +222,14 @@ class TeacherWatcher:
                 return True
             except (redis_exc.RedisError, OSError, ValueError) as exc:
                 # ValueError: redis-py may raise it on a socket closed under it.
-                logger.debug("%s: event subscription lost (%s); resubscribing", self._who, exc)
                 self._drop_pubsub()
+                error = map_redis_error(exc, self._url, "subscribing to events")
+                if isinstance(error, RegistryAuthError):
+                    # SUBSCRIBE's reply (e.g. NOPERM) arrives here, not in subscribe().
+                    self._pubsub_denied = True
+                    logger.warning("%s: %s; polling every %gs instead", self._who, error, self._poll_s)
+                    return False
+                logger.debug("%s: event subscription lost (%s); resubscribing", self._who, error)
                 return True  # re-read now: the read reports (or clears) the outage
         return False
 
