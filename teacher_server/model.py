@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -197,6 +198,15 @@ def _device(device: str) -> torch.device:
 # ----------------------------------------------------------------- saving
 
 
+@contextlib.contextmanager
+def _quiet_jit_deprecation():
+    # torch >= 2.10 deprecates TorchScript but still loads it; serving a
+    # TorchScript file is the user's explicit choice, so don't nag at startup.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated", category=DeprecationWarning)
+        yield
+
+
 def save_torchscript(model: torch.nn.Module, path: str | os.PathLike, inputs: Sequence[Any]) -> None:
     """Script (or trace, if scripting fails) ``model`` and save it with its signature embedded.
 
@@ -205,6 +215,11 @@ def save_torchscript(model: torch.nn.Module, path: str | os.PathLike, inputs: Se
     """
     specs = coerce_specs(inputs, where=str(path))
     model = model.eval()
+    with _quiet_jit_deprecation():
+        _save_torchscript(model, path, specs)
+
+
+def _save_torchscript(model: torch.nn.Module, path: str | os.PathLike, specs: tuple[TensorSpec, ...]) -> None:
     if isinstance(model, torch.jit.ScriptModule):
         scripted = model
     else:
@@ -363,7 +378,8 @@ def _sniff_format(path: str) -> str:
 def _load_torchscript(path: str, dev: torch.device) -> tuple[Any, tuple]:
     extra = {SIGNATURE_FILE: ""}
     try:
-        module = torch.jit.load(path, map_location=dev, _extra_files=extra)
+        with _quiet_jit_deprecation():
+            module = torch.jit.load(path, map_location=dev, _extra_files=extra)
     except Exception as exc:
         raise ModelLoadError(f"TorchScript file {path!r} cannot be loaded ({type(exc).__name__}: "
                              f"{_first_line(exc)}); it may be corrupt or from a newer torch: re-save it") from exc
