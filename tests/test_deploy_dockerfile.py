@@ -443,7 +443,7 @@ def test_entrypoint_command_exists_here() -> None:
 def health_server():
     """A real gRPC server with the standard health service, on an ephemeral
     port: what `edistill teacher health` talks to inside the container."""
-    grpc = pytest.importorskip("grpc")  # a core dependency; never missing
+    import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
