@@ -1,0 +1,514 @@
+"""Unit tests of TeacherPool, its balancer, breaker and backoff, without gRPC.
+
+The pool takes a channel factory and a stub factory; here they build fake
+teachers whose calls the test completes by hand (or at once), so every
+interleaving is deterministic.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+
+import grpc
+import pytest
+import torch
+
+from protos import codec
+from protos.edistill.v1 import teacher_pb2 as pb
+from student_client import (
+    ConfigError,
+    ExponentialBackoff,
+    NoTeacherAvailableError,
+    OutputSpec,
+    PoolConfig,
+    SourceClosedError,
+    TeacherPool,
+    TeacherRequestError,
+    TopK,
+)
+from student_client import backoff as backoff_mod
+from student_client.balancer import LatencyEwma, pick
+from student_client.breaker import CircuitBreaker
+
+
+# ---------------------------------------------------------------- fakes
+
+
+class FakeRpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+
+class FakeCall:
+    """A grpc.Future + grpc.Call stand-in, completed by the test."""
+
+    def __init__(self, endpoint: str, request: pb.PredictRequest, timeout: float, cancellable: bool = True) -> None:
+        self.endpoint, self.request, self.timeout = endpoint, request, timeout
+        self._lock = threading.Lock()
+        self._callbacks: list = []
+        self._state = "pending"
+        self._resp = None
+        self._exc = None
+        self.cancellable = cancellable
+
+    def _complete(self, state, resp=None, exc=None) -> bool:
+        with self._lock:
+            if self._state != "pending":
+                return False
+            self._state, self._resp, self._exc = state, resp, exc
+            callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:
+            cb(self)
+        return True
+
+    def add_done_callback(self, fn) -> None:
+        with self._lock:
+            if self._state == "pending":
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def succeed(self, resp=None) -> bool:
+        return self._complete("done", resp if resp is not None else echo_response(self.request))
+
+    def fail(self, code=grpc.StatusCode.UNAVAILABLE, details="connection refused") -> bool:
+        return self._complete("done", exc=FakeRpcError(code, details))
+
+    def cancel(self) -> bool:
+        if not self.cancellable:
+            return False  # the answer was already on its way
+        return self._complete("cancelled")
+
+    def cancelled(self) -> bool:
+        return self._state == "cancelled"
+
+    def done(self) -> bool:
+        return self._state != "pending"
+
+    def exception(self):
+        if self._state == "cancelled":
+            raise grpc.FutureCancelledError()
+        return self._exc
+
+    def result(self):
+        if self._exc is not None:
+            raise self._exc
+        return self._resp
+
+
+def echo_response(request: pb.PredictRequest, *, classes: int = 4) -> pb.PredictResponse:
+    """logits[b] = [x[b, 0], 0, 1, 2, ...]: the sample id travels back, so outputs can be matched to batches."""
+    x = codec.to_torch(request.inputs[0]).float()
+    first = x.reshape(x.shape[0], -1)[:, :1]  # (B, 1)
+    logits = torch.cat([first, torch.arange(classes - 1, dtype=torch.float32).expand(x.shape[0], -1)], dim=1)
+    resp = pb.PredictResponse(request_id=request.request_id, teacher_id="fake", batch_size=x.shape[0])
+    for o in request.outputs:
+        out = resp.outputs.add(name=o.name, transform=o.transform, temperature=o.temperature, top_k=o.top_k)
+        out.dense_shape.extend(logits.shape)
+        if o.top_k:
+            v, i = torch.topk(logits, o.top_k, dim=-1)
+            codec.encode(v, out.values)
+            codec.encode(i, out.indices)
+        else:
+            codec.encode(logits, out.values)
+    return resp
+
+
+class FakeNet:
+    """Fake teachers by endpoint. ``mode[endpoint]``: 'hold' (test completes), 'ok', or a StatusCode."""
+
+    def __init__(self, default: object = "hold") -> None:
+        self.default = default
+        self.mode: dict[str, object] = {}
+        self.calls: list[FakeCall] = []
+        self.channels: dict[str, "FakeChannel"] = {}
+        self.cancellable = True
+        self._lock = threading.Lock()
+
+    def channel_factory(self, endpoint, options):
+        ch = FakeChannel(self, endpoint, dict(options))
+        self.channels[endpoint] = ch
+        return ch
+
+    @staticmethod
+    def stub_factory(channel):
+        return channel
+
+    def calls_to(self, endpoint: str) -> list[FakeCall]:
+        with self._lock:
+            return [c for c in self.calls if c.endpoint == endpoint]
+
+    def pending(self, endpoint: str | None = None) -> list[FakeCall]:
+        with self._lock:
+            return [c for c in self.calls if not c.done() and (endpoint is None or c.endpoint == endpoint)]
+
+
+class FakeChannel:
+    def __init__(self, net: FakeNet, endpoint: str, options: dict) -> None:
+        self.net, self.endpoint, self.options = net, endpoint, options
+        self.closed = False
+        self.Predict = self  # stub.Predict.future(...)
+
+    def future(self, request, timeout=None):
+        if self.closed:
+            raise ValueError("Cannot invoke RPC on closed channel!")
+        call = FakeCall(self.endpoint, request, timeout, self.net.cancellable)
+        with self.net._lock:
+            self.net.calls.append(call)
+        mode = self.net.mode.get(self.endpoint, self.net.default)
+        if mode == "ok":
+            call.succeed()
+        elif isinstance(mode, grpc.StatusCode):
+            call.fail(mode, f"fake {mode.name}")
+        return call
+
+    def close(self):
+        self.closed = True
+        for c in self.net.pending(self.endpoint):
+            c.cancel()
+
+
+def wait_for(cond, timeout_s: float = 5.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.002)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def batch(ids) -> dict[str, torch.Tensor]:
+    x = torch.zeros(len(ids), 3)
+    x[:, 0] = torch.tensor(ids, dtype=torch.float32)
+    return {"": x}
+
+
+def make_pool(net: FakeNet, endpoints=("a:1", "b:2"), outputs=("logits",), **cfg) -> TeacherPool:
+    cfg.setdefault("backoff", ExponentialBackoff(base_s=0.05, cap_s=0.2, jitter=0.0))
+    return TeacherPool(endpoints, outputs, config=PoolConfig(**cfg), channel_factory=net.channel_factory,
+                       stub_factory=net.stub_factory)
+
+
+@pytest.fixture
+def net():
+    return FakeNet()
+
+
+# ------------------------------------------------------------ backoff
+
+
+def test_backoff_doubles_up_to_cap_without_jitter():
+    b = ExponentialBackoff(base_s=0.1, cap_s=1.0, jitter=0.0)
+    assert [b.delay_s(n) for n in (1, 2, 3, 4, 5, 100)] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0])
+
+
+def test_backoff_jitter_uses_the_random_source(monkeypatch):
+    seen = []
+
+    def fake_uniform(a, b):
+        seen.append((a, b))
+        return a  # the shortest delay the jitter allows
+
+    monkeypatch.setattr(backoff_mod.random, "uniform", fake_uniform)
+    b = ExponentialBackoff(base_s=1.0, cap_s=8.0, jitter=0.5, uniform=backoff_mod.random.uniform)
+    assert b.delay_s(3) == pytest.approx(2.0)
+    assert seen == [(2.0, 4.0)]
+
+
+@pytest.mark.parametrize("kwargs", [dict(base_s=0), dict(base_s=1, cap_s=0.5), dict(jitter=1.5)])
+def test_backoff_rejects_bad_values(kwargs):
+    with pytest.raises(ConfigError):
+        ExponentialBackoff(**kwargs)
+
+
+# ------------------------------------------------------------ breaker
+
+
+def test_breaker_opens_probes_once_and_closes():
+    br = CircuitBreaker(ExponentialBackoff(base_s=1.0, cap_s=4.0, jitter=0.0))
+    assert br.available(0.0) and br.on_send(0.0) is False
+    br.on_failure(10.0, probe=False)
+    assert br.state == "open" and br.open_until == pytest.approx(11.0)
+    br.on_failure(10.5, probe=False)  # a straggler in flight before it opened: no longer backoff
+    assert br.open_until == pytest.approx(11.0) and br.failures == 1
+    assert not br.available(10.9)
+    assert br.available(11.0) and br.on_send(11.0) is True  # the probe
+    assert not br.available(11.1)  # only one probe at a time
+    br.on_failure(11.2, probe=True)
+    assert br.state == "open" and br.open_until == pytest.approx(13.2)  # backoff doubled
+    assert br.on_send(13.3) is True
+    br.on_success()
+    assert br.state == "closed" and br.failures == 0 and br.available(13.4)
+
+
+def test_breaker_abandoned_probe_frees_the_slot():
+    br = CircuitBreaker(ExponentialBackoff(base_s=1.0, cap_s=4.0, jitter=0.0))
+    br.on_failure(0.0, probe=False)
+    assert br.on_send(2.0) is True and not br.available(2.0)
+    br.on_abandon(probe=True)
+    assert br.available(2.0)
+
+
+# ----------------------------------------------------------- balancer
+
+
+class Cand:
+    def __init__(self, name, outstanding, latency_s, last_pick=0):
+        self.name, self.outstanding, self.last_pick = name, outstanding, last_pick
+        self.latency = LatencyEwma()
+        if latency_s is not None:
+            self.latency.add(latency_s)
+
+
+def test_pick_prefers_fewer_outstanding_then_lower_latency():
+    assert pick([Cand("a", 2, 0.01), Cand("b", 0, 0.01)]).name == "b"
+    # a holds 1 at 10 ms (expected 20 ms), b is idle at 50 ms (expected 50 ms)
+    assert pick([Cand("a", 1, 0.01), Cand("b", 0, 0.05)]).name == "a"
+    assert pick([]) is None
+
+
+def test_pick_new_teacher_is_tried_and_ties_rotate():
+    assert pick([Cand("old", 1, 0.01), Cand("new", 0, None)]).name == "new"
+    assert pick([Cand("a", 0, None, last_pick=5), Cand("b", 0, None, last_pick=3)]).name == "b"
+
+
+def test_latency_ewma_follows_samples():
+    e = LatencyEwma(alpha=0.5)
+    e.add(1.0)
+    e.add(3.0)
+    assert e.value_s == pytest.approx(2.0)
+
+
+# --------------------------------------------------------------- pool
+
+
+def test_submit_resolves_to_decoded_dense_and_topk_outputs(net):
+    net.default = "ok"
+    with make_pool(net, ("a:1",), outputs=[OutputSpec("logits"), ]) as pool:
+        out = pool.submit(batch([7, 8]), batch_id="0:0").result(timeout=5)
+    assert out["logits"].shape == (2, 4) and out["logits"][:, 0].tolist() == [7.0, 8.0]
+    net2 = FakeNet("ok")
+    with make_pool(net2, ("a:1",), outputs=[OutputSpec("logits", top_k=2)]) as pool:
+        tk = pool.submit(batch([9]), batch_id="0:0").result(timeout=5)["logits"]
+    assert isinstance(tk, TopK) and tk.dense_shape == (1, 4) and tk.k == 2
+    assert tk.values.tolist() == [[9.0, 2.0]] and tk.indices.tolist() == [[0, 3]]
+    assert tk.dense().tolist() == [[9.0, 0.0, 0.0, 2.0]]
+    # the request asked for exactly that output
+    (req_out,) = net2.calls[0].request.outputs
+    assert (req_out.name, req_out.top_k, req_out.dtype) == ("logits", 2, pb.FLOAT32)
+
+
+def test_every_call_carries_the_deadline_and_channels_the_message_limits(net):
+    with make_pool(net, ("a:1",), timeout_s=7.5, max_message_bytes=1 << 20) as pool:
+        pool.submit(batch([1]), batch_id="x")
+        (call,) = wait_for(lambda: net.pending("a:1"))
+        assert call.timeout == 7.5
+        opts = net.channels["a:1"].options
+        assert opts["grpc.max_send_message_length"] == opts["grpc.max_receive_message_length"] == 1 << 20
+
+
+def test_load_aware_spread_and_in_flight_limit(net):
+    with make_pool(net, ("a:1", "b:2"), max_in_flight_per_teacher=2) as pool:
+        futs = [pool.submit(batch([i]), batch_id=i) for i in range(6)]
+        assert len(net.pending("a:1")) == 2 and len(net.pending("b:2")) == 2  # 2 queued
+        net.pending("b:2")[0].succeed()
+        wait_for(lambda: len(net.pending("b:2")) == 2, what="queued batch sent to the freed teacher")
+        assert len(net.pending("a:1")) == 2
+        for _ in range(10):
+            for c in net.pending():
+                c.succeed()
+            if all(f.done() for f in futs):
+                break
+        got = [f.result(timeout=5)["logits"][0, 0].item() for f in futs]
+    assert got == [float(i) for i in range(6)]
+
+
+def test_retryable_failure_is_resent_to_another_teacher(net):
+    with make_pool(net, ("a:1", "b:2")) as pool:
+        fut = pool.submit(batch([5]), batch_id="e:5")
+        (first,) = net.pending()
+        other = "b:2" if first.endpoint == "a:1" else "a:1"
+        first.fail(grpc.StatusCode.UNAVAILABLE, "connection refused")
+        (second,) = wait_for(lambda: net.pending(other), what="re-send to the other teacher")
+        second.succeed()
+        assert fut.result(timeout=5)["logits"][0, 0].item() == 5.0
+        st = pool.stats()
+    assert st.retries == 1 and st.completed == 1 and st.failed == 0
+    assert st.teachers[first.endpoint].failovers == 1 and st.teachers[first.endpoint].failures == {"UNAVAILABLE": 1}
+    assert st.teachers[other].retries == 1 and st.teachers[other].successes == 1
+    assert st.teachers[first.endpoint].state.startswith("open")
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
+                                  grpc.StatusCode.UNIMPLEMENTED])
+def test_non_retryable_answer_surfaces_with_the_teachers_message(net, code):
+    with make_pool(net, ("a:1", "b:2")) as pool:
+        fut = pool.submit(batch([1]), batch_id="0:3")
+        (call,) = net.pending()
+        call.fail(code, "input '' has dtype float64, expected float32")
+        with pytest.raises(TeacherRequestError) as ei:
+            fut.result(timeout=5)
+        assert len(net.calls) == 1  # never retried
+    err = ei.value
+    assert err.code == code.name and err.endpoint == call.endpoint and err.batch_id == "0:3"
+    assert "expected float32" in str(err) and code.name in str(err)
+    assert isinstance(err.__cause__, grpc.RpcError)
+
+
+def test_server_errors_are_retried_a_bounded_number_of_times(net):
+    net.default = grpc.StatusCode.INTERNAL
+    with make_pool(net, ("a:1", "b:2"), max_server_error_attempts=3,
+                   backoff=ExponentialBackoff(base_s=0.01, cap_s=0.01, jitter=0.0)) as pool:
+        fut = pool.submit(batch([1]), batch_id="0:0")
+        with pytest.raises(TeacherRequestError, match="3 times"):
+            fut.result(timeout=5)
+    assert len(net.calls) == 3
+    assert {net.calls[0].endpoint, net.calls[1].endpoint} == {"a:1", "b:2"}  # a different teacher first
+
+
+def test_removed_teacher_requests_are_resent_and_late_answers_dropped(net):
+    net.cancellable = False  # the removed teacher's answers still arrive
+    with make_pool(net, ("a:1", "b:2")) as pool:
+        futs = [pool.submit(batch([i]), batch_id=i) for i in range(2)]
+        held_by_a = net.pending("a:1")
+        assert len(held_by_a) == 1
+        pool.set_endpoints(["b:2"])
+        assert net.channels["a:1"].closed
+        wait_for(lambda: len(net.pending("b:2")) == 2, what="re-send to b")
+        held_by_a[0].succeed()  # late answer from the removed teacher
+        for c in net.pending("b:2"):
+            c.succeed()
+        got = [f.result(timeout=5)["logits"][0, 0].item() for f in futs]
+        st = pool.stats()
+    assert got == [0.0, 1.0]
+    assert st.late_answers_dropped == 1 and st.completed == 2
+    assert st.teachers["a:1"].live is False and st.teachers["a:1"].failovers == 1
+
+
+def test_added_teacher_gets_work_at_once(net):
+    with make_pool(net, ("a:1",), max_in_flight_per_teacher=1) as pool:
+        pool.submit(batch([0]), batch_id=0)
+        pool.submit(batch([1]), batch_id=1)  # queued: a is full
+        assert len(net.pending()) == 1
+        pool.set_endpoints(["a:1", "c:3"])
+        (call,) = wait_for(lambda: net.pending("c:3"), what="the new teacher's first request")
+        assert codec.to_torch(call.request.inputs[0])[0, 0].item() == 1.0
+        assert pool.endpoints == ["a:1", "c:3"]
+
+
+def test_no_teacher_available_names_endpoints_and_last_errors(net):
+    net.default = grpc.StatusCode.UNAVAILABLE
+    with make_pool(net, ("a:1", "b:2"), wait_timeout_s=0.5) as pool:
+        t0 = time.monotonic()
+        fut = pool.submit(batch([1]), batch_id="0:0")
+        with pytest.raises(NoTeacherAvailableError) as ei:
+            fut.result(timeout=5)
+        elapsed = time.monotonic() - t0
+    assert 0.5 <= elapsed < 1.5
+    msg = str(ei.value)
+    assert "a:1" in msg and "b:2" in msg and "UNAVAILABLE" in msg and "wait_timeout_s=0.5" in msg
+    assert set(ei.value.endpoints) == {"a:1", "b:2"}
+    # the breaker kept probing with backoff, not hammering: a handful of calls, not thousands
+    assert 2 <= len(net.calls) < 40
+
+
+def test_no_endpoints_at_all_fails_after_wait_timeout(net):
+    with make_pool(net, (), wait_timeout_s=0.3) as pool:
+        fut = pool.submit(batch([1]), batch_id="0:0")
+        with pytest.raises(NoTeacherAvailableError, match="no teacher endpoints"):
+            fut.result(timeout=5)
+
+
+def test_hung_teacher_cannot_outlast_wait_timeout(net):
+    with make_pool(net, ("a:1",), wait_timeout_s=0.3, timeout_s=30.0) as pool:
+        fut = pool.submit(batch([1]), batch_id="0:0")
+        with pytest.raises(NoTeacherAvailableError):
+            fut.result(timeout=5)
+        assert net.calls[0].cancelled()  # the hung call was withdrawn
+
+
+def test_breaker_probes_a_failed_teacher_after_backoff_and_recovers(net):
+    with make_pool(net, ("a:1",), backoff=ExponentialBackoff(base_s=0.05, cap_s=0.05, jitter=0.0)) as pool:
+        fut = pool.submit(batch([3]), batch_id=0)
+        net.pending()[0].fail()
+        t_fail = time.monotonic()
+        (probe,) = wait_for(lambda: net.pending("a:1"), what="probe after backoff")
+        assert time.monotonic() - t_fail >= 0.04
+        probe.succeed()
+        assert fut.result(timeout=5)["logits"][0, 0].item() == 3.0
+        assert pool.stats().teachers["a:1"].state == "closed"
+
+
+def test_cancelling_a_future_withdraws_the_batch(net):
+    with make_pool(net, ("a:1",), max_in_flight_per_teacher=1) as pool:
+        f0 = pool.submit(batch([0]), batch_id=0)
+        f1 = pool.submit(batch([1]), batch_id=1)  # queued
+        assert f1.cancel() and f0.cancel()
+        assert net.calls[0].cancelled()
+        assert pool.stats().cancelled == 2
+        f2 = pool.submit(batch([2]), batch_id=2)  # the slot is free again, and b1 was never sent
+        wait_for(lambda: len(net.calls) == 2)
+        assert codec.to_torch(net.calls[1].request.inputs[0])[0, 0].item() == 2.0
+        net.calls[1].succeed()
+        assert f2.result(timeout=5)["logits"][0, 0].item() == 2.0
+
+
+def test_close_resolves_pending_work_and_refuses_more(net):
+    pool = make_pool(net, ("a:1",))
+    fut = pool.submit(batch([1]), batch_id=0)
+    pool.close()
+    pool.close()  # idempotent
+    with pytest.raises(SourceClosedError):
+        fut.result(timeout=5)
+    with pytest.raises(SourceClosedError):
+        pool.submit(batch([2]), batch_id=1)
+    assert net.channels["a:1"].closed
+
+
+def test_oversized_batch_is_a_clear_config_error(net):
+    with make_pool(net, ("a:1",), max_message_bytes=1000) as pool:
+        with pytest.raises(ConfigError, match="max_message_bytes"):
+            pool.submit({"": torch.zeros(64, 64)}, batch_id=0)
+
+
+@pytest.mark.parametrize("bad", [[""], ["a b:1"], [3]])
+def test_bad_endpoints_are_rejected(net, bad):
+    with pytest.raises(ConfigError, match="host:port"):
+        make_pool(net, bad)
+
+
+@pytest.mark.parametrize("kwargs", [dict(timeout_s=0), dict(wait_timeout_s=-1), dict(max_in_flight_per_teacher=0),
+                                    dict(latency_ewma_alpha=0.0), dict(keepalive_time_s=float("nan"))])
+def test_pool_config_validates(kwargs):
+    with pytest.raises(ConfigError):
+        PoolConfig(**kwargs)
+
+
+def test_concurrent_submitters_each_get_their_own_answer(net):
+    """Several threads submitting while answers arrive on other threads: no batch lost or mixed up."""
+    net.default = "ok"
+    results: dict[int, float] = {}
+    with make_pool(net, ("a:1", "b:2", "c:3"), max_in_flight_per_teacher=2) as pool:
+        def worker(base):
+            futs = {i: pool.submit(batch([i]), batch_id=i) for i in range(base, base + 50)}
+            for i, f in futs.items():
+                results[i] = f.result(timeout=5)["logits"][0, 0].item()
+
+        threads = [threading.Thread(target=worker, args=(k * 1000,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        st = pool.stats()
+    assert len(results) == 200 and all(v == float(i) for i, v in results.items())
+    assert st.completed == 200 and sum(t.successes for t in st.teachers.values()) == 200
