@@ -8,7 +8,9 @@ pieces are available as a library::
     run(config, model)                      # blocks until SIGTERM, then drains
 """
 
-from teacher_server.batcher import BatchRecord, BatcherStats, DynamicBatcher
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from teacher_server.config import DEFAULT_MAX_MESSAGE_BYTES, TeacherConfig
 from teacher_server.errors import (
     ConfigError,
@@ -22,10 +24,46 @@ from teacher_server.errors import (
     TeacherError,
     TeacherUnreachable,
 )
-from teacher_server.inprocess import BackgroundTeacher
-from teacher_server.model import LoadedModel, load_model, name_outputs, save_exported, save_torchscript
-from teacher_server.server import SERVICE_NAME, Hook, TeacherServer, create_server, run, serve
-from teacher_server.signature import TensorSpec, parse_input_spec
+
+# Names that need torch are imported on first use, so light commands such as
+# ``python -m teacher_server health ADDR`` (a container healthcheck run every
+# few seconds) start without importing torch.
+_LAZY = {
+    "BackgroundTeacher": "teacher_server.inprocess",
+    "BatchRecord": "teacher_server.batcher",
+    "BatcherStats": "teacher_server.batcher",
+    "DynamicBatcher": "teacher_server.batcher",
+    "LoadedModel": "teacher_server.model",
+    "load_model": "teacher_server.model",
+    "name_outputs": "teacher_server.model",
+    "save_exported": "teacher_server.model",
+    "save_torchscript": "teacher_server.model",
+    "Hook": "teacher_server.server",
+    "SERVICE_NAME": "teacher_server.server",
+    "TeacherServer": "teacher_server.server",
+    "create_server": "teacher_server.server",
+    "run": "teacher_server.server",
+    "serve": "teacher_server.server",
+    "TensorSpec": "teacher_server.signature",
+    "parse_input_spec": "teacher_server.signature",
+}
+
+if TYPE_CHECKING:
+    from teacher_server.batcher import BatchRecord, BatcherStats, DynamicBatcher
+    from teacher_server.inprocess import BackgroundTeacher
+    from teacher_server.model import LoadedModel, load_model, name_outputs, save_exported, save_torchscript
+    from teacher_server.server import SERVICE_NAME, Hook, TeacherServer, create_server, run, serve
+    from teacher_server.signature import TensorSpec, parse_input_spec
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'teacher_server' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "BackgroundTeacher",
