@@ -229,7 +229,8 @@ class TeacherRegistration:
         self._client.close()
 
     def __enter__(self) -> "TeacherRegistration":
-        return self.start()
+        """Start (unless already started); :meth:`close` on exit."""
+        return self if self._thread is not None else self.start()
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()

@@ -156,7 +156,8 @@ class TeacherWatcher:
         self._close_clients()
 
     def __enter__(self) -> "TeacherWatcher":
-        return self.start()
+        """Start (unless already started); :meth:`close` on exit."""
+        return self if self._thread is not None else self.start()
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
