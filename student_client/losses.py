@@ -78,6 +78,11 @@ def _check(temperature: float, ce_weight: float, reduction: str) -> None:
         raise ConfigError(f"reduction must be one of {', '.join(_REDUCTIONS)}, got {reduction!r}")
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 stays float64 (gradcheck); half precision is upcast to float32 for a stable softmax."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _reduce(rows: torch.Tensor, lead: torch.Size, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return rows.mean()
@@ -122,8 +127,8 @@ def kd_loss_dense(student_logits: torch.Tensor, teacher: torch.Tensor, *, temper
                           f"{tuple(student_logits.shape)}")
     C = student_logits.shape[-1]
     lead = student_logits.shape[:-1]
-    s = student_logits.reshape(-1, C).float()  # (N, C); float32 even under autocast
-    t = teacher.detach().reshape(-1, C).to(device=s.device, dtype=torch.float32)  # (N, C)
+    s = student_logits.reshape(-1, C).to(_compute_dtype(student_logits))  # (N, C); >= float32 under autocast
+    t = teacher.detach().reshape(-1, C).to(device=s.device, dtype=s.dtype)  # (N, C)
     log_p = F.log_softmax(s / temperature, dim=-1)  # (N, C)
     if teacher_transform == "raw":
         log_q = F.log_softmax(t / temperature, dim=-1)
@@ -161,8 +166,8 @@ def kd_loss_topk(student_logits: torch.Tensor, teacher: TopK, *, temperature: fl
         raise ConfigError(f"teacher {teacher.transform} were computed at temperature {teacher.temperature}, "
                           f"the loss uses {temperature}; request the teacher output at the loss's temperature")
     k = teacher.k
-    s = student_logits.reshape(-1, C).float()  # (N, C)
-    v = teacher.values.detach().reshape(-1, k).to(device=s.device, dtype=torch.float32)  # (N, k)
+    s = student_logits.reshape(-1, C).to(_compute_dtype(student_logits))  # (N, C)
+    v = teacher.values.detach().reshape(-1, k).to(device=s.device, dtype=s.dtype)  # (N, k)
     idx = teacher.indices.reshape(-1, k).to(device=s.device, dtype=torch.long)  # (N, k)
     log_p = F.log_softmax(s / temperature, dim=-1)  # (N, C)
     log_p_k = log_p.gather(-1, idx)  # (N, k)
@@ -173,13 +178,15 @@ def kd_loss_topk(student_logits: torch.Tensor, teacher: TopK, *, temperature: fl
         q = v if teacher.transform == "probs" else v.exp()  # (N, k) true teacher probabilities
         q = q.clamp(0.0, 1.0)
         kept = (torch.xlogy(q, q) - q * log_p_k).sum(-1)  # (N,)
-        q_tail = (1.0 - q.sum(-1)).clamp(0.0, 1.0)  # (N,) teacher mass outside the top-k
-        # log Σ_{j∉K} p_j: mask the kept classes with a finite floor (not -inf,
-        # whose logsumexp gradient is NaN when k == C).
-        floor = torch.finfo(log_p.dtype).min
-        log_p_tail = log_p.scatter(-1, idx, floor).logsumexp(-1)  # (N,)
-        tail = torch.xlogy(q_tail, q_tail) - q_tail * log_p_tail
-        kd_rows = kept + tail
+        if k >= C:  # nothing outside the top-k: no tail bucket (its rounding residue is noise)
+            kd_rows = kept
+        else:
+            q_tail = (1.0 - q.sum(-1)).clamp(0.0, 1.0)  # (N,) teacher mass outside the top-k
+            # log Σ_{j∉K} p_j: the kept classes masked with -inf; with k < C
+            # at least one class is left, so the logsumexp is finite.
+            log_p_tail = log_p.scatter(-1, idx, float("-inf")).logsumexp(-1)  # (N,)
+            tail = torch.xlogy(q_tail, q_tail) - q_tail * log_p_tail
+            kd_rows = kept + tail
     kd_rows = kd_rows * (temperature ** 2)
     return _with_ce(kd_rows, s, labels, ce_weight, lead, reduction)
 
