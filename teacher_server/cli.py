@@ -96,9 +96,6 @@ def _default_name(spec: str) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Load the model, serve until SIGTERM/SIGINT, drain, return 0."""
-    from teacher_server.model import load_model
-    from teacher_server.server import run
-
     config = TeacherConfig(
         model_name=args.name or _default_name(args.model),
         model_version=args.version,
@@ -114,9 +111,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         grace_s=args.grace_s,
         torch_threads=args.torch_threads,
     )
-    if config.torch_threads is not None:
-        import torch
+    # Imported here so a bad flag is reported before torch is imported (~2 s).
+    import torch
 
+    from teacher_server.model import load_model
+    from teacher_server.server import run
+
+    if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)  # before the warm-up pass
     model = load_model(args.model, device=config.device, precision=config.precision,
                        checkpoint=args.checkpoint, model_kwargs=args.model_kwargs, input_specs=args.input_spec)

@@ -1,0 +1,120 @@
+"""Real ``python -m teacher_server serve`` processes: ready line, merging, CLI, SIGTERM drain."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import signal
+import subprocess
+import sys
+import threading
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos import codec
+from protos.edistill.v1 import teacher_pb2 as pb
+from protos.edistill.v1 import teacher_pb2_grpc as pb_grpc
+from tests.helpers.teacher_proc import REPO_ROOT, TeacherProcess
+
+TIMEOUT_S = 30.0
+
+
+def _request(ids, request_id: str = "") -> pb.PredictRequest:
+    x = np.zeros((len(ids), 4), np.float32)
+    x[:, 0] = ids
+    req = pb.PredictRequest(request_id=request_id)
+    codec.encode(x, req.inputs.add(), name="input")
+    return req
+
+
+def _ids(resp: pb.PredictResponse) -> list[float]:
+    return codec.to_numpy(resp.outputs[0].values)[:, 0].tolist()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "teacher_server", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    with TeacherProcess("teacher_server.zoo:latency", "--model-kwargs", '{"delay_ms": 40}',
+                        "--max-queue-delay-ms", "30", "--name", "lat", "--version", "7") as proc:
+        yield proc
+
+
+def test_concurrent_clients_get_merged_batches(teacher) -> None:
+    n = 6
+    barrier = threading.Barrier(n)
+
+    def client(k: int) -> pb.PredictResponse:
+        with grpc.insecure_channel(teacher.address) as ch:
+            stub = pb_grpc.TeacherStub(ch)
+            stub.Describe(pb.DescribeRequest(), timeout=TIMEOUT_S)
+            barrier.wait()
+            return stub.Predict(_request([k, k + 0.5], f"c{k}"), timeout=TIMEOUT_S)
+
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        responses = list(pool.map(client, range(n)))
+    assert [_ids(r) for r in responses] == [[k, k + 0.5] for k in range(n)]
+    assert all((r.model_name, r.model_version) == ("lat", "7") for r in responses)
+    assert max(r.batch_size for r in responses) > 2
+
+
+def test_stock_health_check_and_cli(teacher) -> None:
+    with grpc.insecure_channel(teacher.address) as ch:
+        resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S)
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    health = _cli("health", teacher.address)
+    assert (health.returncode, health.stdout.strip()) == (0, "SERVING")
+    describe = _cli("describe", teacher.address)
+    assert describe.returncode == 0, describe.stderr
+    info = json.loads(describe.stdout)
+    assert (info["modelName"], info["modelVersion"], info["inputs"][0]["name"]) == ("lat", "7", "input")
+
+
+def test_cli_health_fails_for_unreachable_teacher() -> None:
+    out = _cli("health", "127.0.0.1:1", "--timeout-s", "2")
+    assert out.returncode == 1 and out.stdout.startswith("UNREACHABLE")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model", "/nonexistent/model.pt"], "model file '/nonexistent/model.pt' does not exist"),
+    (["--model", "teacher_server.zoo:mlp", "--max-batch-size", "0"], "max_batch_size must be an integer >= 1, got 0"),
+], ids=["missing-file", "bad-config"])
+def test_serve_user_errors_exit_2_with_one_line(args, needle: str) -> None:
+    out = _cli("serve", "--port", "0", *args)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith("edistill teacher serve: error:") and needle in lines[-1]
+    assert "Traceback" not in out.stderr
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0() -> None:
+    # Two samples per forward pass and 250 ms per pass: 8 one-sample requests
+    # take four passes, so most are still queued or running at SIGTERM.
+    with TeacherProcess("teacher_server.zoo:latency", "--model-kwargs", '{"delay_ms": 250}',
+                        "--max-batch-size", "2", "--max-queue-delay-ms", "0") as proc:
+        with grpc.insecure_channel(proc.address) as ch:
+            stub = pb_grpc.TeacherStub(ch)
+            stub.Describe(pb.DescribeRequest(), timeout=TIMEOUT_S)
+            futures = [stub.Predict.future(_request([i]), timeout=TIMEOUT_S) for i in range(8)]
+            first = next(concurrent.futures.as_completed(  # the server has them all once one is answered
+                [_as_cf(f) for f in futures]))
+            first.result()
+            proc.send_signal(signal.SIGTERM)
+            answered = [_ids(f.result()) for f in futures]  # raises if any was dropped
+            assert answered == [[i] for i in range(8)]
+        assert proc.wait(timeout=TIMEOUT_S) == 0
+        log = proc.stderr_text()
+        assert "received SIGTERM" in log and "stopped" in log
+
+
+def _as_cf(call: grpc.Future) -> concurrent.futures.Future:
+    """Adapt a grpc future to concurrent.futures for as_completed."""
+    cf: concurrent.futures.Future = concurrent.futures.Future()
+    call.add_done_callback(lambda c: cf.set_result(c))
+    return cf
