@@ -181,18 +181,20 @@ class EmbeddedRedis:
         if self._tmpdir is None:
             self._tmpdir = tempfile.TemporaryDirectory(prefix="edistill-redis-")
         pick_port = self._port == 0
-        # A port picked free can be taken before redis binds it; retry then.
-        for attempt in range(3 if pick_port else 1):
+        # A port picked free can be taken before redis binds it: retry then.
+        attempts = 3 if pick_port else 1
+        for attempt in range(1, attempts + 1):
             if pick_port:
                 self._port = _free_port(self._host)
             try:
                 self._spawn(binary)
                 return self
             except EmbeddedRedisError as exc:
-                if not (pick_port and "Address already in use" in str(exc) and attempt < 2):
-                    self._port = 0 if pick_port else self._port
+                if attempt == attempts or "Address already in use" not in str(exc):
+                    if pick_port:
+                        self._port = 0
                     raise
-        raise AssertionError("unreachable")
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     def _spawn(self, binary: str) -> None:
         assert self._tmpdir is not None
