@@ -247,3 +247,17 @@ def test_start_fails_clearly_when_redis_is_unreachable(redis_server):
     assert time.monotonic() - started >= 0.5  # it retried for the whole startup timeout
     message = str(info.value)
     assert "registering" in message and f"127.0.0.1:{redis_server.port}" in message and "hidden" not in message
+
+
+def test_a_teacher_restarted_on_the_same_endpoint_replaces_the_old_entry(redis_server):
+    client = connect(redis_server.url)
+    old = register(redis_server.url)
+    # The later start wins by started_at (server clock, ms): make it strictly later.
+    wait_until(lambda: client.time()[0] * 1000 + client.time()[1] // 1000 > old.record.started_at * 1000 + 1,
+               what="the server clock to move on")
+    new = register(redis_server.url)  # same endpoint, new teacher_id (a restarted process)
+    view = fetch_service(client, SERVICE)
+    assert view.teachers["127.0.0.1:50051"].teacher_id == new.record.teacher_id  # the later start wins
+    old.close()  # the old process deregistering must not remove its successor
+    assert fetch_service(client, SERVICE).teachers["127.0.0.1:50051"].teacher_id == new.record.teacher_id
+    new.close()

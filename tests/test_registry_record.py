@@ -147,3 +147,13 @@ def test_registration_requires_matching_service():
 def test_watcher_rejects_bad_service_names(service):
     with pytest.raises(RegistryConfigError, match="service must be"):
         TeacherWatcher("redis://127.0.0.1:1/0", service)
+
+
+def test_connect_understands_tls_and_acl_urls_without_connecting():
+    from redis.connection import SSLConnection
+
+    client = connect("rediss://student:pw@redis.example:6380/2?ssl_cert_reqs=required")
+    kwargs = client.connection_pool.connection_kwargs
+    assert client.connection_pool.connection_class is SSLConnection
+    assert (kwargs["username"], kwargs["password"], kwargs["db"]) == ("student", "pw", 2)
+    assert kwargs["socket_timeout"] == 2.0 and kwargs["retry"].get_retries() == 0
