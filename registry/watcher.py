@@ -44,6 +44,13 @@ _MAX_BLOCK_S = 0.2
 _RESUBSCRIBE_S = 0.25
 
 
+def _is_permission_error(exc: BaseException) -> bool:
+    """NOPERM: the ACL user may not SUBSCRIBE (bad credentials are a different error)."""
+    return isinstance(exc, redis_exc.NoPermissionError) or (
+        isinstance(exc, redis_exc.ResponseError) and str(exc).startswith("NOPERM")
+    )
+
+
 def _content(snapshot: Mapping[str, TeacherRecord]) -> dict[str, TeacherRecord]:
     """A snapshot without heartbeat timestamps: what counts as a change."""
     return {endpoint: record.replace(updated_at=0.0) for endpoint, record in snapshot.items()}
@@ -190,7 +197,7 @@ class TeacherWatcher:
         except (redis_exc.RedisError, OSError) as exc:
             pubsub.close()
             error = map_redis_error(exc, self._url, "subscribing to events")
-            if isinstance(error, RegistryAuthError):
+            if _is_permission_error(exc):
                 self._pubsub_denied = True
                 logger.warning("%s: %s; polling every %gs instead", self._who, error, self._poll_s)
             # Unreachable Redis: the reads report it; retried every _RESUBSCRIBE_S.
@@ -225,7 +232,7 @@ class TeacherWatcher:
                 # ValueError: redis-py may raise it on a socket closed under it.
                 self._drop_pubsub()
                 error = map_redis_error(exc, self._url, "subscribing to events")
-                if isinstance(error, RegistryAuthError):
+                if _is_permission_error(exc):
                     # SUBSCRIBE's reply (e.g. NOPERM) arrives here, not in subscribe().
                     self._pubsub_denied = True
                     logger.warning("%s: %s; polling every %gs instead", self._who, error, self._poll_s)

@@ -261,3 +261,11 @@ def test_a_teacher_restarted_on_the_same_endpoint_replaces_the_old_entry(redis_s
     old.close()  # the old process deregistering must not remove its successor
     assert fetch_service(client, SERVICE).teachers["127.0.0.1:50051"].teacher_id == new.record.teacher_id
     new.close()
+
+
+def test_watcher_start_rejects_wrong_credentials(redis_with_password, caplog):
+    wrong = redis_with_password.url.replace("Pa55-w0rd-xyz", "wrong-pw-456")
+    with pytest.raises(RegistryAuthError) as info:
+        TeacherWatcher(wrong, SERVICE).start()
+    assert "wrong-pw-456" not in str(info.value) and "wrong-pw-456" not in caplog.text
+    assert "polling" not in caplog.text  # bad credentials are not "no pub/sub permission"
