@@ -114,9 +114,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Imported here so a bad flag is reported before torch is imported (~2 s).
     import torch
 
+    from teacher_server._malloc import tune_malloc
     from teacher_server.model import load_model
     from teacher_server.server import run
 
+    tune_malloc()  # before the model and the first messages are allocated
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)  # before the warm-up pass
     model = load_model(args.model, device=config.device, precision=config.precision,

@@ -1,0 +1,133 @@
+"""Teacher serving overhead: gRPC-served vs in-process throughput, side by side.
+
+Serves ``teacher_server.zoo:resnet18_cifar`` (ResNet-18 on 3x32x32) from a real
+``python -m teacher_server serve`` subprocess and calls it with a real gRPC
+client at batch 64, alternating rounds with the same model called in-process
+(same weights, ``torch.inference_mode()``), so machine noise hits both modes
+alike. The order within a round alternates too.
+
+Prints one JSON object per measured round, then a summary object whose
+``ratio`` = served / in-process throughput (medians over rounds). Target >= 0.90.
+
+    python bench/teacher_overhead.py [--rounds 6] [--batches 4] [--width 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import grpc  # noqa: E402
+import torch  # noqa: E402
+
+from protos import codec  # noqa: E402
+from protos.edistill.v1 import teacher_pb2 as pb  # noqa: E402
+from protos.edistill.v1 import teacher_pb2_grpc as pb_grpc  # noqa: E402
+from teacher_server import DEFAULT_MAX_MESSAGE_BYTES, zoo  # noqa: E402
+from tests.helpers.teacher_proc import TeacherProcess  # noqa: E402
+
+# glibc returns large freed blocks to the OS with munmap and gets fresh zeroed
+# pages on the next malloc; with ~1 MB messages every request pays that.
+# Raising the thresholds keeps them in the heap (same as scripts/test.sh).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "268435456"}
+
+
+def _emit(obj: dict) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--batches", type=int, default=4, help="batches per mode per round")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--width", type=int, default=64, help="ResNet base width (64 = ResNet-18)")
+    p.add_argument("--no-malloc-env", action="store_true", help="leave glibc malloc thresholds at defaults")
+    p.add_argument("--torch-threads", type=int, default=None, help="intra-op threads, both modes")
+    opts = p.parse_args(argv)
+    if not opts.no_malloc_env and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+        # glibc reads these at process start: re-exec so the in-process baseline
+        # runs with the same allocator settings as the server (a fair comparison).
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+
+    if opts.torch_threads:
+        torch.set_num_threads(opts.torch_threads)
+    kwargs = json.dumps({"width": opts.width})
+    net = zoo.resnet18_cifar(width=opts.width).eval()  # same seed -> same weights as the server's
+    x = torch.randn(opts.batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    server_args = ["--model-kwargs", kwargs, "--max-batch-size", str(opts.batch_size),
+                   "--max-queue-delay-ms", "0"]
+    if opts.torch_threads:
+        server_args += ["--torch-threads", str(opts.torch_threads)]
+    # --no-malloc-env: both processes on glibc defaults (the server would
+    # otherwise tune itself with mallopt, see teacher_server/_malloc.py).
+    env = {"EDISTILL_MALLOC_TUNING": "0"} if opts.no_malloc_env else MALLOC_ENV
+    config = {"model": "resnet18_cifar", "width": opts.width, "batch_size": opts.batch_size,
+              "torch_threads": torch.get_num_threads(), "malloc_env": not opts.no_malloc_env,
+              "cpus": os.cpu_count(), "torch": torch.__version__}
+    _emit({"config": config})
+
+    with TeacherProcess("teacher_server.zoo:resnet18_cifar", *server_args, env=env) as proc, \
+            grpc.insecure_channel(proc.address, options=[
+                ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES)]) as channel:
+        stub = pb_grpc.TeacherStub(channel)
+        server_ms: list[float] = []  # forward + transforms, measured inside the server
+
+        def served_batch() -> torch.Tensor:
+            # Encode per call, as a student would for each new batch.
+            req = pb.PredictRequest()
+            codec.encode(x, req.inputs.add(), name="image")
+            resp = stub.Predict(req, timeout=120)
+            server_ms.append(resp.compute_ms)
+            return codec.to_torch(resp.outputs[0].values)
+
+        def local_batch() -> torch.Tensor:
+            with torch.inference_mode():
+                return net(x)
+
+        # Warm-up both, and check the served answer is the in-process answer.
+        served, local = served_batch(), local_batch()
+        max_diff = (served - local).abs().max().item()
+        assert max_diff < 1e-3, f"served and in-process outputs differ by {max_diff}"
+        local_batch(), served_batch()
+
+        rates: dict[str, list[float]] = {"inprocess": [], "served": []}
+        fns = {"inprocess": local_batch, "served": served_batch}
+        for r in range(opts.rounds):
+            order = ("inprocess", "served") if r % 2 == 0 else ("served", "inprocess")
+            for mode in order:
+                del server_ms[:]
+                t0 = time.perf_counter()
+                for _ in range(opts.batches):
+                    fns[mode]()
+                dt = time.perf_counter() - t0
+                rate = opts.batches * opts.batch_size / dt
+                rates[mode].append(rate)
+                line = {"round": r, "mode": mode, "samples_per_s": round(rate, 2),
+                        "ms_per_batch": round(1000 * dt / opts.batches, 2)}
+                if mode == "served":
+                    line["server_compute_ms"] = round(statistics.mean(server_ms), 2)
+                _emit(line)
+
+    inproc = statistics.median(rates["inprocess"])
+    served_rate = statistics.median(rates["served"])
+    per_round = [s / i for s, i in zip(rates["served"], rates["inprocess"])]
+    _emit({"summary": True, **config, "rounds": opts.rounds, "batches_per_round": opts.batches,
+           "inprocess_samples_per_s": round(inproc, 2), "served_samples_per_s": round(served_rate, 2),
+           "ratio": round(served_rate / inproc, 4),
+           "ratio_per_round_min": round(min(per_round), 4), "ratio_per_round_max": round(max(per_round), 4),
+           "max_abs_diff": max_diff, "target": 0.90})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
