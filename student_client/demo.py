@@ -70,7 +70,7 @@ class DemoConfig:
     teacher_hidden: int = 256  # teacher: 64 -> 256 -> 256 -> 10
     teacher_epochs: int = 60
     temperature: float = 4.0  # KD softening temperature T
-    alpha: float = 0.9  # weight of the KD term; 1 - alpha weighs the CE term
+    ce_weight: float = 0.1  # λ in T²·KL + λ·CE: the soft targets lead, labels correct
     noise_std: float = 0.1  # input noise, the same view for teacher and student
     eval_every_steps: int = 40
     fault: bool = True  # SIGKILL a teacher and start a new one mid-training
@@ -82,8 +82,8 @@ class DemoConfig:
         for name in ("seeds", "teachers", "labelled", "steps", "batch_size", "eval_every_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.ce_weight < 0:
+            raise ValueError(f"ce_weight must be >= 0, got {self.ce_weight}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
@@ -291,11 +291,13 @@ def _train_student(data: _Digits, cfg: DemoConfig, seed: int, *, mode: str, regi
             for (x, y, sid), teacher_out in source:
                 seen.extend(sid.tolist())
                 logits = student(x)  # (B, 10)
+                # CE only over labelled samples (label -1 = unlabelled)
+                ce = F.cross_entropy(logits, y, ignore_index=-1) if bool((y >= 0).any()) else logits.sum() * 0
                 if teacher_out is None:
-                    loss = F.cross_entropy(logits, y, ignore_index=-1)
+                    loss = ce
                 else:
-                    loss = kd_loss(logits, teacher_out["logits"], y, temperature=cfg.temperature,
-                                   alpha=cfg.alpha, ignore_index=-1)
+                    # Hinton KD: T²·KL(teacher_T ‖ student_T) + λ·CE
+                    loss = kd_loss(logits, teacher_out["logits"], temperature=cfg.temperature) + cfg.ce_weight * ce
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -442,7 +444,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             "steps_per_run": cfg.steps,
             "seeds": cfg.seeds,
             "temperature": cfg.temperature,
-            "alpha": cfg.alpha,
+            "ce_weight": cfg.ce_weight,
             "teacher_accuracy": teacher_acc,
             "rows": {},
             "teachers_seen": len(seen_endpoints),
@@ -476,7 +478,7 @@ def format_report(report: dict[str, Any]) -> str:
         "",
         f"edistill demo — {report['dataset']}; {report['labelled_samples']} labelled samples, "
         f"{report['steps_per_run']} steps per student, {report['seeds']} seeds, "
-        f"T={report['temperature']:g}, alpha={report['alpha']:g}",
+        f"T={report['temperature']:g}, CE weight={report['ce_weight']:g}",
         "",
         f"  {'model':<44} {'test accuracy':>16}",
         f"  {'-' * 44} {'-' * 16}",
