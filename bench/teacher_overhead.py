@@ -10,6 +10,16 @@ Prints one JSON object per measured round, then a summary object whose
 ``ratio`` = served / in-process throughput (medians over rounds). Target >= 0.90.
 
     python bench/teacher_overhead.py [--rounds 6] [--batches 4] [--width 64]
+
+Findings on the 2-core dev box (shared with other jobs, so noisy):
+* glibc malloc thresholds matter most: without them a conv forward is 2-4x
+  slower in either mode; the server now sets them itself (_malloc.py) and
+  this script re-execs itself with the same env so the baseline is fair.
+* Transport (encode, gRPC, decode) costs ~8 ms per 64x3x32x32 batch; the
+  gap is the forward pass inside the server: ~440 ms vs ~310 ms in-process
+  with 2 torch threads (ratio ~0.71), but ~0.96 with ``--torch-threads 1``.
+  So with both cores used by intra-op threads, something else in the server
+  process (gRPC/asyncio threads) is contending with them. Open issue.
 """
 
 from __future__ import annotations
