@@ -78,6 +78,7 @@ from .errors import (
 from .outputs import OutputSpec, TeacherValue, decode_response, normalize_outputs, output_requests
 from .sources import KnowledgeSource
 from .stats import PoolStats, TeacherStats, percentile
+from .wire import serialize_request
 
 if TYPE_CHECKING:
     import grpc
@@ -89,8 +90,9 @@ logger = logging.getLogger(__name__)
 
 #: ``channel_factory(endpoint, options) -> grpc.Channel``-like object with ``close()``.
 ChannelFactory = Callable[[str, Sequence[tuple[str, Any]]], Any]
-#: ``stub_factory(channel) -> stub`` whose ``Predict.future(request, timeout=s)``
-#: returns a ``grpc.Future`` that is also a ``grpc.Call``.
+#: ``stub_factory(channel) -> stub`` whose ``Predict.future(request_bytes, timeout=s)``
+#: takes a serialized PredictRequest and returns a ``grpc.Future`` that is also a
+#: ``grpc.Call`` resolving to a PredictResponse.
 StubFactory = Callable[[Any], Any]
 
 _FATAL = frozenset({
@@ -121,10 +123,19 @@ def _default_channel_factory(endpoint: str, options: Sequence[tuple[str, Any]]):
     return grpc.insecure_channel(endpoint, options=list(options))
 
 
-def _default_stub_factory(channel):
-    from protos.edistill.v1 import teacher_pb2_grpc
+class _PredictStub:
+    """Like the generated TeacherStub, but Predict takes pre-serialized bytes (see :mod:`.wire`)."""
 
-    return teacher_pb2_grpc.TeacherStub(channel)
+    def __init__(self, channel) -> None:
+        self.Predict = channel.unary_unary(
+            "/edistill.v1.Teacher/Predict",
+            request_serializer=None,  # the request is already bytes, serialized once per batch
+            response_deserializer=pb.PredictResponse.FromString,
+        )
+
+
+def _default_stub_factory(channel):
+    return _PredictStub(channel)
 
 
 def _rpc_code_and_details(exc: BaseException) -> tuple[str, str]:
@@ -145,13 +156,14 @@ def _rpc_code_and_details(exc: BaseException) -> tuple[str, str]:
 class _Request:
     """One batch, from submit() until its future is settled."""
 
-    __slots__ = ("seq", "batch_id", "message", "future", "attempt", "attempts", "failed_on",
+    __slots__ = ("seq", "batch_id", "request_id", "payload", "future", "attempt", "attempts", "failed_on",
                  "server_errors", "settled")
 
-    def __init__(self, seq: int, batch_id: Any, message: pb.PredictRequest, future: Future) -> None:
+    def __init__(self, seq: int, batch_id: Any, request_id: str, payload: bytes, future: Future) -> None:
         self.seq = seq
         self.batch_id = batch_id
-        self.message = message  # reused unchanged by every attempt
+        self.request_id = request_id
+        self.payload = payload  # serialized PredictRequest, reused unchanged by every attempt
         self.future = future
         self.attempt: _Attempt | None = None  # the current attempt, if any
         self.attempts = 0
@@ -255,7 +267,8 @@ class TeacherPool(KnowledgeSource):
         if not isinstance(self._config, PoolConfig):
             raise ConfigError(f"config must be a PoolConfig, got {type(self._config).__name__}")
         self._specs = normalize_outputs(outputs)
-        self._output_msgs = output_requests(self._specs)
+        # field 3 of every PredictRequest, serialized once
+        self._outputs_blob = pb.PredictRequest(outputs=output_requests(self._specs)).SerializeToString()
         self._channel_factory = channel_factory or _default_channel_factory
         self._stub_factory = stub_factory or _default_stub_factory
         self._channel_options = self._config.channel_options()
@@ -304,21 +317,18 @@ class TeacherPool(KnowledgeSource):
             SourceClosedError: the pool is closed.
         """
         seq = next(self._seq)
-        msg = pb.PredictRequest(request_id=f"{self._id}-{seq}")
+        request_id = f"{self._id}-{seq}"
         try:
-            for name, value in inputs.items():
-                codec.encode(value, msg.inputs.add(), name=name)
+            payload, size = serialize_request(request_id, inputs, self._outputs_blob)
         except (codec.CodecError, AttributeError) as exc:
             raise ConfigError(f"cannot send batch {batch_id} to a teacher: {exc}") from exc
-        msg.outputs.extend(self._output_msgs)
-        size = msg.ByteSize()
         if size > self._config.max_message_bytes:
             raise ConfigError(
                 f"batch {batch_id} encodes to {size / 2**20:.1f} MiB, over max_message_bytes="
                 f"{self._config.max_message_bytes / 2**20:.0f} MiB; send smaller batches or raise "
                 "PoolConfig.max_message_bytes (and the teachers' limit)")
         fut: Future = Future()
-        req = _Request(seq, batch_id, msg, fut)
+        req = _Request(seq, batch_id, request_id, payload, fut)
         work = _Work.new()
         with self._lock:
             if self._closed:
@@ -530,7 +540,7 @@ class TeacherPool(KnowledgeSource):
 
     def _start(self, a: _Attempt) -> None:
         try:
-            call = a.teacher.predict.future(a.request.message, timeout=self._config.timeout_s)
+            call = a.teacher.predict.future(a.request.payload, timeout=self._config.timeout_s)
         except Exception as exc:  # e.g. the channel was closed by a concurrent removal
             self._finish(a, None, exc)
             return
@@ -618,9 +628,9 @@ class TeacherPool(KnowledgeSource):
 
     def _deliver(self, r: _Request, resp: pb.PredictResponse, endpoint: str) -> None:
         try:
-            if resp.request_id != r.message.request_id:
+            if resp.request_id != r.request_id:
                 raise TeacherResponseError(
-                    f"teacher {endpoint} answered request {r.message.request_id} with the id "
+                    f"teacher {endpoint} answered request {r.request_id} with the id "
                     f"{resp.request_id!r}", endpoint=endpoint, batch_id=r.batch_id)
             result = decode_response(resp, self._specs, endpoint=endpoint, batch_id=r.batch_id)
         except StudentError as exc:

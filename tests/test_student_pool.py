@@ -12,6 +12,7 @@ import time
 from concurrent.futures import Future
 
 import grpc
+import numpy as np
 import pytest
 import torch
 
@@ -161,7 +162,8 @@ class FakeChannel:
     def future(self, request, timeout=None):
         if self.closed:
             raise ValueError("Cannot invoke RPC on closed channel!")
-        call = FakeCall(self.endpoint, request, timeout, self.net.cancellable)
+        assert isinstance(request, bytes), "the pool sends pre-serialized requests"
+        call = FakeCall(self.endpoint, pb.PredictRequest.FromString(request), timeout, self.net.cancellable)
         with self.net._lock:
             self.net.calls.append(call)
         mode = self.net.mode.get(self.endpoint, self.net.default)
@@ -512,3 +514,28 @@ def test_concurrent_submitters_each_get_their_own_answer(net):
         st = pool.stats()
     assert len(results) == 200 and all(v == float(i) for i, v in results.items())
     assert st.completed == 200 and sum(t.successes for t in st.teachers.values()) == 200
+
+
+# ---------------------------------------------------------------- wire
+
+
+@pytest.mark.parametrize("inputs", [
+    {"": torch.randn(4, 3, 8, 8)},
+    {"image": torch.randn(2, 3).t(), "mask": torch.ones(3, 2, dtype=torch.bool)},  # non-contiguous
+    {"ids": torch.arange(6).reshape(2, 3), "h": torch.randn(2, 300).half(), "b": torch.randn(2, 2).bfloat16()},
+    {"x": np.arange(12, dtype=">f4").reshape(3, 4)},  # big-endian ndarray: codec path
+    {"x": np.zeros((0, 5), np.float32), "y": np.uint8(7) * np.ones((2,), np.uint8)},
+])
+def test_fast_serialization_is_byte_identical_to_the_codec(inputs):
+    from student_client.outputs import output_requests
+    from student_client.wire import serialize_request
+
+    outs = output_requests([OutputSpec("logits", "probs", 2.0, 5, "float16")])
+    blob = pb.PredictRequest(outputs=outs).SerializeToString()
+    fast, size = serialize_request("r-1", inputs, blob)
+    ref = pb.PredictRequest(request_id="r-1")
+    for name, v in inputs.items():
+        codec.encode(v, ref.inputs.add(), name=name)
+    ref.outputs.extend(outs)
+    assert pb.PredictRequest.FromString(fast) == ref
+    assert size == sum(len(t.data) for t in ref.inputs)

@@ -1,0 +1,130 @@
+"""Serialize a PredictRequest in one copy (the student's hot path).
+
+Building the request with :func:`protos.codec.encode` and letting gRPC call
+``SerializeToString`` copies a 64x3x32x32 float32 batch (768 KiB) three times
+(``tobytes``, into the protobuf arena, out of it again), about 250 us of CPU
+per request. Here the protobuf wire format of ``edistill.v1.PredictRequest``
+is written directly: small headers plus the tensor's own buffer, joined into
+one ``bytes`` (one copy). The result parses to exactly the message the codec
+would build (a unit test checks byte-for-byte equality), and the pool sends
+it with an identity request serializer.
+
+Anything unusual (a big-endian host, a dtype the fast path does not know)
+falls back to the codec, which also raises its clear CodecError.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Mapping
+
+import numpy as np
+
+from protos import codec
+from protos.edistill.v1 import teacher_pb2 as pb
+
+__all__ = ["serialize_request"]
+
+_WIRE_OF_NP = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "int64": pb.INT64, "int32": pb.INT32,
+               "uint8": pb.UINT8, "bool": pb.BOOL}
+_TORCH_WIRE: dict | None = None  # torch dtype -> wire dtype, built on first use (torch import is lazy)
+_FAST = sys.byteorder == "little"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _torch_wire() -> dict:
+    global _TORCH_WIRE
+    if _TORCH_WIRE is None:
+        import torch
+
+        _TORCH_WIRE = {torch.float32: pb.FLOAT32, torch.float16: pb.FLOAT16, torch.bfloat16: pb.BFLOAT16,
+                       torch.int64: pb.INT64, torch.int32: pb.INT32, torch.uint8: pb.UINT8, torch.bool: pb.BOOL}
+    return _TORCH_WIRE
+
+
+def _as_array(value: Any) -> tuple[np.ndarray, int] | None:
+    """(C-contiguous little-endian ndarray, wire dtype), or None to take the codec's path."""
+    if isinstance(value, np.ndarray):
+        wire = _WIRE_OF_NP.get(value.dtype.name)
+        if wire is None or value.dtype.byteorder == ">":
+            return None
+        return np.ascontiguousarray(value), wire
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        return None
+    t = value.detach()
+    wire = _torch_wire().get(t.dtype)
+    if wire is None:
+        return None
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if wire == pb.BFLOAT16:
+        t = t.view(torch.int16)  # numpy has no bfloat16: ship the raw bits
+    return np.ascontiguousarray(t.numpy()), wire
+
+
+def _tensor_parts(name: str, value: Any) -> tuple[list, int] | None:
+    """Wire parts of one ``Tensor`` message (field 2 of PredictRequest) and its payload size."""
+    got = _as_array(value)
+    if got is None:
+        return None
+    arr, wire = got
+    name_b = name.encode()
+    head = bytearray()
+    if name_b:
+        head += b"\x0a" + _varint(len(name_b)) + name_b  # 1: name
+    if wire:
+        head += b"\x10" + _varint(wire)  # 2: dtype
+    if arr.shape:
+        packed = b"".join(_varint(d) for d in arr.shape)
+        head += b"\x1a" + _varint(len(packed)) + packed  # 3: shape, packed
+    data = memoryview(arr).cast("B") if arr.nbytes else b""
+    if arr.nbytes:
+        head += b"\x22" + _varint(arr.nbytes)  # 4: data
+    body_len = len(head) + arr.nbytes
+    return [b"\x12" + _varint(body_len), bytes(head), data], arr.nbytes
+
+
+def serialize_request(request_id: str, inputs: Mapping[str, Any], outputs_blob: bytes) -> tuple[bytes, int]:
+    """Wire bytes of a PredictRequest and the total tensor payload in bytes.
+
+    Args:
+        request_id: the request id (field 1).
+        inputs: named tensors/ndarrays (field 2, in order).
+        outputs_blob: the serialized ``repeated OutputRequest outputs`` (field 3),
+            built once per pool.
+
+    Raises:
+        protos.codec.CodecError: an input that cannot be sent.
+    """
+    rid = request_id.encode()
+    parts: list = [b"\x0a" + _varint(len(rid)) + rid] if rid else []
+    payload = 0
+    if _FAST:
+        for name, value in inputs.items():
+            got = _tensor_parts(name, value)
+            if got is None:
+                break
+            parts += got[0]
+            payload += got[1]
+        else:
+            parts.append(outputs_blob)
+            return b"".join(parts), payload
+    # slow path: the codec builds (and validates) the message
+    msg = pb.PredictRequest(request_id=request_id)
+    for name, value in inputs.items():
+        codec.encode(value, msg.inputs.add(), name=name)
+    payload = sum(len(t.data) for t in msg.inputs)
+    return msg.SerializeToString() + outputs_blob, payload
