@@ -82,10 +82,33 @@ class ReaderStats:
         epochs: epochs started.
         wait_s: time the training loop spent blocked on teacher outputs; a
             large share of the training time means more teachers would help.
-        source: the knowledge source's own stats (a PoolStats for teachers).
+        source: the knowledge source's own stats (a PoolStats for teachers,
+            a dict for other sources).
     """
 
     batches: int
     epochs: int
     wait_s: float
     source: Any = None
+
+    @property
+    def retries(self) -> int:
+        """Batches re-sent after a failure or a removed teacher (0 for sources without retries)."""
+        return int(getattr(self.source, "retries", 0))
+
+    @property
+    def failovers(self) -> int:
+        """Batches taken away from a failing or removed teacher, summed over teachers."""
+        teachers = getattr(self.source, "teachers", None) or {}
+        return sum(t.failovers for t in teachers.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        """A flat summary for logs and reports (per-teacher details stay in ``source``)."""
+        return {"batches": self.batches, "epochs": self.epochs, "wait_s": self.wait_s,
+                "retries": self.retries, "failovers": self.failovers,
+                "late_answers_dropped": int(getattr(self.source, "late_answers_dropped", 0)),
+                "teachers": len(getattr(self.source, "teachers", None) or {})}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Dict-style access to :meth:`as_dict`'s summary."""
+        return self.as_dict().get(key, default)

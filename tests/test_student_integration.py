@@ -143,6 +143,8 @@ def test_sigkilled_teacher_mid_epoch_loses_and_duplicates_no_batch():
         assert seen == list(range(400)), "a batch was lost, duplicated or reordered"
         survivor = next(p.address for p in procs if p.address != killed)
         assert st.teachers[killed].failovers >= 1 and st.retries >= 1
+        summary = reader.stats().as_dict()
+        assert summary["failovers"] >= 1 and summary["batches"] == 50 and reader.stats().get("retries") >= 1
         assert st.teachers[survivor].successes > st.teachers[killed].successes
         # every delivered batch was answered exactly once, by one of the two teachers
         assert sum(t.successes for t in st.teachers.values()) == st.completed == 50
