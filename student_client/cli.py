@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edistill",
         description="Teacher-as-a-service knowledge distillation for PyTorch.",
     )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO; env EDISTILL_LOG_LEVEL)")
+    teacher_cli.apply_env_defaults(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     teacher_cli.add_commands(sub)
     registry_cli.add_commands(sub)

@@ -128,6 +128,7 @@ class DynamicBatcher:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edistill-forward")
         self._stats = BatcherStats()
         self._listeners: list[Callable[[BatchRecord], None]] = []
+        self._computing = 0  # requests in the forward pass now (event-loop thread only)
 
     # -------------------------------------------------------------- public
 
@@ -140,6 +141,16 @@ class DynamicBatcher:
     def add_listener(self, fn: Callable[[BatchRecord], None]) -> None:
         """Call ``fn(record)`` after each batch (exceptions are logged, not raised)."""
         self._listeners.append(fn)
+
+    @property
+    def running(self) -> bool:
+        """True while the batching task is alive and not closing."""
+        return self._task is not None and not self._task.done() and not self._closing
+
+    @property
+    def in_flight(self) -> int:
+        """Requests in the forward pass right now."""
+        return self._computing
 
     @property
     def queue_depth(self) -> int:
@@ -226,6 +237,7 @@ class DynamicBatcher:
     async def _run(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
         started = time.perf_counter()
         failed = False
+        self._computing = len(items)
         try:
             results, compute_ms = await loop.run_in_executor(self._executor, self._compute, items)
         except BaseException as exc:
@@ -239,6 +251,8 @@ class DynamicBatcher:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             results, compute_ms = [], 0.0
+        finally:
+            self._computing = 0
         total = sum(it.size for it in items)
         queue_ms = tuple((started - it.enqueued) * 1000.0 for it in items)
         for it, res, q_ms in zip(items, results, queue_ms):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -25,7 +26,7 @@ from protos.edistill.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.config import DEFAULT_MAX_MESSAGE_BYTES, PRECISIONS, TeacherConfig
 from teacher_server.errors import TeacherError, TeacherUnreachable
 
-__all__ = ["READY_PREFIX", "add_commands", "add_teacher_commands", "main"]
+__all__ = ["READY_PREFIX", "add_commands", "add_teacher_commands", "apply_env_defaults", "main"]
 
 #: Start of the line ``serve`` prints once it serves (see docs/internals.md).
 READY_PREFIX = "edistill teacher ready address="
@@ -46,9 +47,9 @@ def add_teacher_commands(sub: argparse._SubParsersAction) -> None:
                    help="TorchScript file, torch.export .pt2 archive, or package.module:factory")
     p.add_argument("--host", default=_defaults.host, help=f"bind address (default: {_defaults.host})")
     p.add_argument("--port", type=int, default=_defaults.port, help="port; 0 picks a free one (default: 0)")
-    p.add_argument("--advertise-host", default=None,
-                   help="host announced on the ready line / to the registry (default: --host, "
-                        "or the hostname when binding a wildcard)")
+    p.add_argument("--advertise", default=None, metavar="HOST[:PORT]",
+                   help="address announced on the ready line and to the registry, for containers and NAT "
+                        "(default: --host, or this machine's own IP when --host is 0.0.0.0)")
     p.add_argument("--device", default=_defaults.device, help="cpu or cuda:N (default: cpu)")
     p.add_argument("--precision", choices=PRECISIONS, default=_defaults.precision,
                    help="fp32, or fp16/bf16 autocast (default: fp32)")
@@ -73,7 +74,16 @@ def add_teacher_commands(sub: argparse._SubParsersAction) -> None:
                         "overrides what the model file declares")
     p.add_argument("--name", default=None, help="model name reported to students (default: from --model)")
     p.add_argument("--version", default=_defaults.model_version, help="model version reported to students")
+    p.add_argument("--registry", default=None, metavar="URL",
+                   help="Redis URL to register in (redis://[user:password@]host:6379/0, rediss://...), or "
+                        "'local' to start an embedded Redis; prefer EDISTILL_REGISTRY for URLs with passwords")
+    p.add_argument("--service", default=None, metavar="NAME",
+                   help="service name students look up (default: the model name)")
+    p.add_argument("--heartbeat-s", type=float, default=1.0, help="registry heartbeat period (default: 1.0)")
+    p.add_argument("--ttl-s", type=float, default=3.0,
+                   help="seconds without heartbeat before the registry drops this teacher (default: 3.0)")
     p.set_defaults(func=cmd_serve)
+    apply_env_defaults(p)
 
     p = sub.add_parser("describe", help="print a teacher's Describe answer as JSON")
     p.add_argument("address", help="HOST:PORT")
@@ -101,7 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_version=args.version,
         host=args.host,
         port=args.port,
-        advertise_host=args.advertise_host,
+        advertise=args.advertise,
         device=args.device,
         precision=args.precision,
         max_batch_size=args.max_batch_size,
@@ -127,7 +137,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def _ready(address: str) -> None:
         print(f"{READY_PREFIX}{address}", flush=True)
 
-    return run(config, model, on_ready=[_ready])
+    configure = None
+    if args.registry:
+        from teacher_server.registration import RegistryHook
+
+        def configure(server) -> None:
+            # Registration is a ready hook too; the ready line comes after it,
+            # so "ready" means "serving and discoverable".
+            hook = RegistryHook(server, args.registry, args.service or config.model_name,
+                                heartbeat_s=args.heartbeat_s, ttl_s=args.ttl_s)
+            server.on_ready.remove(_ready)
+            server.on_ready.append(_ready)
+            del hook  # lives on through the server's hook lists
+
+    return run(config, model, on_ready=[_ready], configure=configure)
+
+
+def apply_env_defaults(parser: argparse.ArgumentParser, prefix: str = "EDISTILL_") -> None:
+    """Let ``EDISTILL_<FLAG>`` (dashes as underscores) set each flag's default.
+
+    Containers are configured through the environment (deploy/.env.example);
+    a flag on the command line still wins, and an empty value counts as
+    unset. argparse applies the flag's ``type`` to a string default, so
+    ``EDISTILL_PORT=50051`` arrives as an int. A required flag whose variable
+    is set is no longer required.
+    """
+    for action in parser._actions:  # argparse has no public accessor
+        if not action.option_strings or action.dest == "help":
+            continue
+        long = next((o for o in action.option_strings if o.startswith("--")), None)
+        if long is None:
+            continue
+        value = os.environ.get(prefix + long[2:].replace("-", "_").upper(), "")
+        if value == "":
+            continue
+        action.default = value
+        action.required = False
 
 
 def _channel(address: str) -> grpc.Channel:
@@ -167,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m teacher_server``: the teacher commands without the umbrella CLI."""
     parser = argparse.ArgumentParser(prog="python -m teacher_server", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    apply_env_defaults(parser)
     add_teacher_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),

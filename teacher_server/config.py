@@ -39,9 +39,11 @@ class TeacherConfig:
     # 0 asks the OS for a free port (tests, demo, several teachers per host).
     port: int = 0
     # Address announced to lifecycle hooks (e.g. the registry) and printed on
-    # the ready line; None derives it from host (hostname when host is a
-    # wildcard, which is what other containers can reach).
-    advertise_host: str | None = None
+    # the ready line: "HOST" or "HOST:PORT" (containers behind NAT, published
+    # ports). None derives it from host; a wildcard host (0.0.0.0) is not
+    # dialable, so then the machine's own address is announced (in a
+    # container: the container's IP, which is what `--scale` replicas need).
+    advertise: str | None = None
     # "cpu" or "cuda:N".
     device: str = "cpu"
     # fp32 | fp16 | bf16 (autocast). bf16 is the safe choice on CPU.
@@ -70,6 +72,12 @@ class TeacherConfig:
             raise ConfigError(f"port must be an integer in 0..65535, got {self.port!r}")
         if not self.host:
             raise ConfigError("host must not be empty (use 127.0.0.1 or 0.0.0.0)")
+        if self.advertise is not None:
+            host, _, port = self.advertise.rpartition(":") if _has_port(self.advertise) else (self.advertise, "", "")
+            if not host or host.strip("[]") in ("0.0.0.0", "::", ""):
+                raise ConfigError(f"advertise must be a dialable HOST or HOST:PORT, got {self.advertise!r}")
+            if port and not (port.isdigit() and 0 < int(port) <= 65535):
+                raise ConfigError(f"advertise port must be in 1..65535, got {self.advertise!r}")
         if not _DEVICE_RE.match(self.device):
             raise ConfigError(f"device must be 'cpu' or 'cuda:N', got {self.device!r}")
         if self.precision not in PRECISIONS:
@@ -91,6 +99,13 @@ class TeacherConfig:
     def bind_address(self) -> str:
         """``host:port`` to bind (IPv6 hosts bracketed)."""
         return f"{_bracket(self.host)}:{self.port}"
+
+
+def _has_port(address: str) -> bool:
+    """'h:1' / '[::1]:1' have a port; 'h', '::1' and '[::1]' do not."""
+    if address.startswith("["):
+        return "]:" in address
+    return address.count(":") == 1
 
 
 def _bracket(host: str) -> str:

@@ -38,7 +38,7 @@ from teacher_server.errors import ConfigError
 from teacher_server.model import LoadedModel
 from teacher_server.servicer import TeacherServicer
 
-__all__ = ["Hook", "SERVICE_NAME", "TeacherServer", "create_server", "run", "serve"]
+__all__ = ["Hook", "SERVICE_NAME", "TeacherServer", "advertised_address", "create_server", "run", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,7 @@ class TeacherServer:
         """The advertised ``host:port`` (what clients and the registry should use)."""
         if self.port is None:
             raise RuntimeError("server not started")
-        host = self.config.advertise_host or self.config.host
-        if host in _WILDCARD_HOSTS:
-            host = socket.gethostname()
-        return f"[{host}]:{self.port}" if ":" in host and not host.startswith("[") else f"{host}:{self.port}"
+        return advertised_address(self.config, self.port)
 
     async def start(self) -> int:
         """Bind, start serving, mark SERVING, run ``on_ready`` hooks; return the port."""
@@ -167,6 +164,31 @@ class TeacherServer:
             await self._server.wait_for_termination()
 
 
+def _own_address() -> str:
+    """This machine's address as others see it (a container's IP), else its hostname."""
+    name = socket.gethostname()
+    try:
+        ip = socket.gethostbyname(name)
+    except OSError:
+        return name
+    return name if ip.startswith("127.") else ip
+
+
+def advertised_address(config: TeacherConfig, port: int) -> str:
+    """``host:port`` to announce: ``config.advertise`` if set, else derived from the bind host."""
+    adv = config.advertise
+    if adv is not None:
+        if adv.startswith("["):
+            return adv if "]:" in adv else f"{adv}:{port}"
+        if adv.count(":") == 1:
+            return adv
+        return f"[{adv}]:{port}" if ":" in adv else f"{adv}:{port}"
+    host = config.host
+    if host in _WILDCARD_HOSTS:
+        host = _own_address()
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 async def _call(hook: Hook, address: str) -> None:
     result = hook(address)
     if inspect.isawaitable(result):
@@ -187,8 +209,13 @@ async def serve(
     on_ready: Iterable[Hook] = (),
     on_drain: Iterable[Hook] = (),
     stop_signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+    configure: Callable[[TeacherServer], None] | None = None,
 ) -> None:
-    """Serve until one of ``stop_signals`` arrives, then drain and return."""
+    """Serve until one of ``stop_signals`` arrives, then drain and return.
+
+    ``configure(server)`` runs before the server starts, for integrations
+    that need the server object (e.g. :class:`teacher_server.registration.RegistryHook`).
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -205,6 +232,8 @@ async def serve(
     server = TeacherServer(config, model)
     server.on_ready.extend(on_ready)
     server.on_drain.extend(on_drain)
+    if configure is not None:
+        configure(server)
     try:
         await server.start()
         await stop.wait()
