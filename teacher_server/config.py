@@ -64,6 +64,10 @@ class TeacherConfig:
     # torch intra-op threads for the forward pass; None keeps torch's default
     # (all cores). Lower it when other processes share the CPU.
     torch_threads: int | None = None
+    # Prometheus metrics over HTTP at HOST:PORT/metrics, bound to the same
+    # host as gRPC. None: no metrics endpoint (and no per-request metric
+    # overhead); 0: a free port, logged at startup.
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -94,6 +98,9 @@ class TeacherConfig:
             raise ConfigError(f"grace_s must be a finite number >= 0, got {self.grace_s!r}")
         if self.torch_threads is not None and (not isinstance(self.torch_threads, int) or self.torch_threads < 1):
             raise ConfigError(f"torch_threads must be an integer >= 1 or None, got {self.torch_threads!r}")
+        if self.metrics_port is not None and (isinstance(self.metrics_port, bool) or not isinstance(
+                self.metrics_port, int) or not 0 <= self.metrics_port <= 65535):
+            raise ConfigError(f"metrics_port must be an integer in 0..65535 or None, got {self.metrics_port!r}")
 
     @property
     def bind_address(self) -> str:
