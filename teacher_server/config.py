@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from teacher_server.errors import ConfigError
 
@@ -68,6 +68,27 @@ class TeacherConfig:
     # host as gRPC. None: no metrics endpoint (and no per-request metric
     # overhead); 0: a free port, logged at startup.
     metrics_port: int | None = None
+    # --- security (SECURITY.md) ---
+    # Bearer tokens accepted on Teacher RPCs: a file with one token per line,
+    # re-read when it changes and on SIGHUP (rotation without restart), and/or
+    # fixed tokens (from EDISTILL_AUTH_TOKEN). Neither: no authentication.
+    # repr=False: tokens never end up in a log line that prints the config.
+    auth_token_file: str | None = None
+    auth_tokens: tuple[str, ...] = field(default=(), repr=False)
+    # TLS: PEM certificate (chain) and key; both or neither. tls_ca (PEM CA
+    # bundle) additionally requires every client to present a certificate
+    # signed by it (mutual TLS).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    # Elements per input tensor. Bounds the work and memory one request can
+    # ask for (a huge declared shape is refused before any byte is read).
+    # 2^26 = 256 MiB of float32, the default message limit.
+    max_tensor_elements: int = 1 << 26
+    # Requests one client connection may have queued or computing at once;
+    # beyond it RESOURCE_EXHAUSTED, so one flooding client cannot fill the
+    # whole queue. 64 is 16x what a student pool sends by default (4).
+    max_queued_per_peer: int = 64
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -101,6 +122,23 @@ class TeacherConfig:
         if self.metrics_port is not None and (isinstance(self.metrics_port, bool) or not isinstance(
                 self.metrics_port, int) or not 0 <= self.metrics_port <= 65535):
             raise ConfigError(f"metrics_port must be an integer in 0..65535 or None, got {self.metrics_port!r}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key go together (--tls-cert FILE --tls-key FILE); "
+                              f"got only {'tls_cert' if self.tls_key is None else 'tls_key'}")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ConfigError("tls_ca (client certificate check) needs TLS: also pass --tls-cert and --tls-key")
+        if isinstance(self.auth_tokens, str):
+            raise ConfigError("auth_tokens must be a tuple of tokens, not one string")
+        self.auth_tokens = tuple(self.auth_tokens)
+        for name in ("max_tensor_elements", "max_queued_per_peer"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+
+    @property
+    def auth_enabled(self) -> bool:
+        """True when Teacher RPCs require a bearer token."""
+        return bool(self.auth_token_file or self.auth_tokens)
 
     @property
     def bind_address(self) -> str:
