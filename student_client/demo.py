@@ -244,7 +244,6 @@ class _TeacherFleet:
 class _RunResult:
     accuracy: float
     curve: list[tuple[int, float]]  # (step, test accuracy)
-    live: list[tuple[float, int]] = dataclasses.field(default_factory=list)  # (seconds, live teachers)
     delivered: int = 0
     lost: int = 0
     duplicated: int = 0
@@ -252,7 +251,7 @@ class _RunResult:
 
 
 def _train_student(data: _Digits, cfg: DemoConfig, seed: int, *, mode: str, registry: str | None,
-                   fault=None, watcher=None, bar=None) -> _RunResult:
+                   fault=None, bar=None) -> _RunResult:
     """One student run. mode: "hard", "distilled", or "distilled-labelled"."""
     import torch
     import torch.nn.functional as F
@@ -279,7 +278,6 @@ def _train_student(data: _Digits, cfg: DemoConfig, seed: int, *, mode: str, regi
         reader = DistillReader(loader, registry=registry, service=SERVICE,
                                outputs=[OutputSpec("logits")], window=8,
                                timeout_s=5.0, wait_timeout_s=30.0)
-    t0 = time.monotonic()
     step = 0
     epoch = 0
     fault_at = cfg.steps // 2 if fault is not None else None
@@ -306,8 +304,6 @@ def _train_student(data: _Digits, cfg: DemoConfig, seed: int, *, mode: str, regi
                     bar.update(1)
                 if step % cfg.eval_every_steps == 0 or step == cfg.steps:
                     result.curve.append((step, _accuracy(student, data)))
-                    if watcher is not None:
-                        result.live.append((time.monotonic() - t0, len(watcher.snapshot())))
                 if fault_at is not None and step == fault_at:
                     fault()
                     fault_at = None
@@ -341,7 +337,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
-def _plot(path: pathlib.Path, runs: dict[str, list[_RunResult]], fault_run: _RunResult | None) -> str | None:
+def _plot(path: pathlib.Path, runs: dict[str, list[_RunResult]], live: list[tuple[float, int]],
+          marks: list[tuple[float, str]]) -> str | None:
     try:
         import matplotlib
 
@@ -349,7 +346,7 @@ def _plot(path: pathlib.Path, runs: dict[str, list[_RunResult]], fault_run: _Run
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, (ax, strip) = plt.subplots(2, 1, figsize=(7, 5.5), height_ratios=[3, 1])
+    fig, (ax, strip) = plt.subplots(2, 1, figsize=(7.5, 6), height_ratios=[3, 1.2])
     colours = {"hard labels": "tab:gray", "distilled": "tab:blue", "distilled, labelled inputs only": "tab:orange"}
     for label, results in runs.items():
         for i, r in enumerate(results):
@@ -357,20 +354,44 @@ def _plot(path: pathlib.Path, runs: dict[str, list[_RunResult]], fault_run: _Run
             ax.plot(steps, accs, color=colours.get(label), alpha=0.8, label=label if i == 0 else None)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("test accuracy")
-    ax.set_title("edistill demo: students on sklearn digits")
+    ax.set_title("edistill demo: students on sklearn digits (one line per seed)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    if fault_run is not None and fault_run.live:
-        t, n = zip(*fault_run.live)
+    if live:
+        t, n = zip(*live)
         strip.step(t, n, where="post", color="tab:green")
         strip.set_ylim(0, max(n) + 1)
-    strip.set_xlabel("seconds into the first distilled run (a teacher is SIGKILLed halfway)")
-    strip.set_ylabel("live teachers")
+        for when, what in marks:
+            strip.axvline(when, color="tab:red" if "SIGKILL" in what else "tab:purple", ls="--", lw=1)
+            strip.annotate(what, (when, 0.3), rotation=90, fontsize=7, ha="right", va="bottom")
+    strip.set_xlabel("seconds since the teachers started")
+    strip.set_ylabel("live teachers\n(in the registry)")
     strip.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
+
+
+class _LiveSampler:
+    """Samples the registry's live-teacher count every ``period_s`` in a thread."""
+
+    def __init__(self, watcher, t0: float, period_s: float = 0.1) -> None:
+        self.samples: list[tuple[float, int]] = []
+        self._watcher, self._t0, self._period_s = watcher, t0, period_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edistill-demo-live", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period_s):
+            self.samples.append((time.monotonic() - self._t0, len(self._watcher.snapshot())))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -401,27 +422,40 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         torch.save(teacher.state_dict(), checkpoint)
 
         fleet = _TeacherFleet(checkpoint, cfg.teacher_hidden, registry_url, out)
+        t_fleet = time.monotonic()
         for _ in range(cfg.teachers):
             fleet.start()
         watcher = TeacherWatcher(registry_url, SERVICE, on_change=lambda snapshot: None, poll_s=0.2)
         watcher.start()
+        sampler = _LiveSampler(watcher, t_fleet)
+        sampler.start()
         seen_endpoints: set[str] = set(watcher.snapshot())
 
         events: list[str] = []
+        marks: list[tuple[float, str]] = []
+        replacement: list[threading.Thread] = []
+
+        def start_replacement() -> None:
+            _, new_address = fleet.start()
+            events.append(f"started teacher {new_address}")
+            marks.append((time.monotonic() - t_fleet, "new teacher ready"))
 
         def fault() -> None:
             proc, address = fleet.procs[0]
             proc.kill()  # SIGKILL: no deregistration, the TTL has to notice
             proc.wait()
             events.append(f"SIGKILLed teacher {address}")
-            _, new_address = fleet.start()
-            events.append(f"started teacher {new_address}")
+            marks.append((time.monotonic() - t_fleet, "SIGKILL"))
+            # The replacement boots in the background, as a real one would:
+            # training goes on with the surviving teacher meanwhile.
+            thread = threading.Thread(target=start_replacement, name="edistill-demo-replacement")
+            thread.start()
+            replacement.append(thread)
 
         modes = [("hard labels", "hard"), ("distilled", "distilled"),
                  ("distilled, labelled inputs only", "distilled-labelled")]
         runs: dict[str, list[_RunResult]] = {label: [] for label, _ in modes}
         total = cfg.steps * cfg.seeds * len(modes)
-        fault_run = None
         with tqdm(total=total, desc="training students", unit="step", disable=not cfg.progress,
                   file=sys.stderr, dynamic_ncols=True) as bar:
             for seed in range(cfg.seeds):
@@ -429,13 +463,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                     with_fault = cfg.fault and seed == 0 and mode == "distilled"
                     bar.set_postfix_str(f"{label}, seed {seed}")
                     r = _train_student(data, cfg, seed, mode=mode, registry=registry_url,
-                                       fault=fault if with_fault else None,
-                                       watcher=watcher, bar=bar)
+                                       fault=fault if with_fault else None, bar=bar)
                     seen_endpoints |= set(watcher.snapshot())
                     runs[label].append(r)
-                    if with_fault:
-                        fault_run = r
 
+        for thread in replacement:
+            thread.join()
+        sampler.stop()
         distilled_runs = runs["distilled"] + runs["distilled, labelled inputs only"]
         failovers = sum(int(r.stats.get("failovers", 0)) for r in distilled_runs)
         report: dict[str, Any] = {
@@ -459,7 +493,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         for label, results in runs.items():
             mean, std = _mean_std([r.accuracy for r in results])
             report["rows"][label] = {"mean": mean, "std": std, "runs": [r.accuracy for r in results]}
-        report["plot"] = _plot(out / "demo.png", runs, fault_run)
+        report["plot"] = _plot(out / "demo.png", runs, sampler.samples, marks)
         report["seconds"] = round(time.monotonic() - t_start, 1)
         (out / "report.json").write_text(json.dumps(report, indent=2))
         return report
