@@ -34,9 +34,12 @@ from protos.edistill.v1 import teacher_pb2 as pb
 from protos.edistill.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.batcher import DynamicBatcher
 from teacher_server.config import TeacherConfig
+from teacher_server.auth import AuthInterceptor, TokenSet
 from teacher_server.errors import ConfigError
+from teacher_server.metrics import TeacherMetrics
 from teacher_server.model import LoadedModel
-from teacher_server.servicer import TeacherServicer
+from teacher_server.servicer import SERVER_VERSION, TeacherServicer
+from teacher_server.tls import server_credentials
 
 __all__ = ["Hook", "SERVICE_NAME", "TeacherServer", "advertised_address", "create_server", "run", "serve"]
 
@@ -80,6 +83,12 @@ class TeacherServer:
         self.teacher_id = teacher_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.on_ready: list[Hook] = []
         self.on_drain: list[Hook] = []
+        # grpc.aio server interceptors, outermost first; add before start()
+        # (e.g. authentication). With config.metrics_port set, the metrics
+        # interceptor goes in front of them, so rejected calls are counted too.
+        self.interceptors: list[grpc.aio.ServerInterceptor] = []
+        # Prometheus metrics (teacher_server.metrics), when config.metrics_port is set.
+        self.metrics: TeacherMetrics | None = None
         self.port: int | None = None
         self.batcher: DynamicBatcher | None = None
         self.health = health_aio.HealthServicer()
@@ -100,15 +109,24 @@ class TeacherServer:
             torch.set_num_threads(cfg.torch_threads)
         self.batcher = DynamicBatcher(self.model, max_batch_size=cfg.max_batch_size,
                                       max_queue_delay_ms=cfg.max_queue_delay_ms, max_queue_size=cfg.max_queue_size)
-        server = grpc.aio.server(options=_server_options(cfg))
+        interceptors = list(self.interceptors) + self._security_interceptors()
+        if cfg.metrics_port is not None:
+            self.metrics = TeacherMetrics(model_name=cfg.model_name, model_version=cfg.model_version,
+                                          device=str(self.model.device), precision=cfg.precision,
+                                          version=SERVER_VERSION, model_load_s=self.model.load_s)
+            self.metrics.attach(self.batcher)
+            interceptors.insert(0, self.metrics.interceptor())
+        server = grpc.aio.server(options=_server_options(cfg), interceptors=interceptors or None)
         pb_grpc.add_TeacherServicer_to_server(
             TeacherServicer(cfg, self.model, self.batcher, self.teacher_id), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server)
+        creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if cfg.tls_cert else None
         try:
-            port = server.add_insecure_port(cfg.bind_address)
+            port = (server.add_secure_port(cfg.bind_address, creds) if creds is not None
+                    else server.add_insecure_port(cfg.bind_address))
         except RuntimeError as exc:
             raise ConfigError(f"cannot listen on {cfg.bind_address} ({exc}); is the port in use? "
                               "choose another --port, or --port 0 for a free one") from None
@@ -118,6 +136,15 @@ class TeacherServer:
         self.port = port
         self.batcher.start()
         await server.start()
+        if self.metrics is not None:
+            try:
+                metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
+            except OSError as exc:
+                await self.stop(grace_s=0)
+                raise ConfigError(f"cannot serve metrics on {cfg.host}:{cfg.metrics_port} ({exc}); choose "
+                                  "another --metrics-port, or 0 for a free one") from None
+            log.info("teacher %s metrics on http://%s:%d/metrics", self.teacher_id,
+                     self.address.rsplit(":", 1)[0], metrics_port)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("teacher %s serving %s (%s) on %s, device %s, precision %s, max batch %d",
@@ -130,6 +157,19 @@ class TeacherServer:
             await self.stop(grace_s=0)
             raise
         return port
+
+    def _security_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """The bearer-token check (SECURITY.md), innermost: runs after metrics, before the handler."""
+        self.auth = None
+        if self.config.auth_enabled:
+            self.auth = AuthInterceptor(TokenSet(self.config.auth_token_file, self.config.auth_tokens))
+            return [self.auth]
+        return []
+
+    def reload_auth_tokens(self) -> None:
+        """Re-read ``auth_token_file`` now (SIGHUP); the file is also re-read when it changes."""
+        if getattr(self, "auth", None) is not None:
+            self.auth.tokens.reload()
 
     async def stop(self, grace_s: float | None = None) -> None:
         """NOT_SERVING, ``on_drain`` hooks, stop accepting, drain in-flight work (up to ``grace_s``).
@@ -156,6 +196,8 @@ class TeacherServer:
             await self._server.stop(grace_s)
         if self.batcher is not None:
             await self.batcher.close()
+        if self.metrics is not None:
+            self.metrics.close()
         log.info("teacher %s stopped", self.teacher_id)
 
     async def wait_for_termination(self) -> None:
@@ -234,6 +276,9 @@ async def serve(
     server.on_drain.extend(on_drain)
     if configure is not None:
         configure(server)
+    if config.auth_token_file:  # SIGHUP: re-read the token file (rotation without restart)
+        loop.add_signal_handler(signal.SIGHUP, server.reload_auth_tokens)
+        signals.append(signal.SIGHUP)
     try:
         await server.start()
         await stop.wait()
