@@ -65,6 +65,9 @@ def add_teacher_commands(sub: argparse._SubParsersAction) -> None:
                    help=f"seconds to drain in-flight requests on SIGTERM (default: {_defaults.grace_s})")
     p.add_argument("--torch-threads", type=int, default=None, metavar="N",
                    help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--metrics-port", type=_metrics_port, default=None, metavar="PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (same host as --host); "
+                        "0 picks a free port (logged); 'none' or unset: no metrics endpoint")
     p.add_argument("--checkpoint", default=None, metavar="FILE",
                    help="state dict for a factory model, loaded with weights_only=True")
     p.add_argument("--model-kwargs", default=None, metavar="JSON",
@@ -97,6 +100,16 @@ def add_teacher_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_health)
 
 
+def _metrics_port(value: str) -> int | None:
+    """``--metrics-port``: a port number, or ``none``/``off`` (so EDISTILL_METRICS_PORT=none disables it)."""
+    if value.strip().lower() in ("none", "off", ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number or 'none', got {value!r}") from None
+
+
 def _default_name(spec: str) -> str:
     if ":" in spec and "/" not in spec:
         return spec.rsplit(":", 1)[1]
@@ -120,6 +133,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         grace_s=args.grace_s,
         torch_threads=args.torch_threads,
+        metrics_port=args.metrics_port,
     )
     # Imported here so a bad flag is reported before torch is imported (~2 s).
     import torch
