@@ -8,6 +8,7 @@ it are batched and answered normally.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Sequence
 
 import grpc
@@ -36,7 +37,7 @@ except Exception:  # running from a source tree without metadata
 
 
 def validate_inputs(
-    tensors: Sequence[pb.Tensor], model: LoadedModel, max_batch_size: int
+    tensors: Sequence[pb.Tensor], model: LoadedModel, max_batch_size: int, max_elements: int | None = None
 ) -> tuple[list[torch.Tensor], int]:
     """Check a request's inputs against the signature; zero-copy decode them.
 
@@ -70,6 +71,10 @@ def validate_inputs(
         if len(msg.shape) == 0:
             raise InvalidRequest(f"{label}: shape is empty; expected {spec.describe_shape()}")
         n = msg.shape[0]
+        if max_elements is not None and math.prod(msg.shape) > max_elements:
+            # Checked before the shape is used for anything (a huge declared shape with tiny data).
+            raise InvalidRequest(f"{label}: shape {list(msg.shape)} has more than this teacher's "
+                                 f"max_tensor_elements {max_elements}; send smaller batches")
         bad = spec.mismatch(list(msg.shape[1:]))
         if bad:
             raise InvalidRequest(f"{label}: shape {list(msg.shape)}: {bad}")
@@ -99,10 +104,39 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         self.model = model
         self.batcher = batcher
         self.teacher_id = teacher_id
+        # Requests queued or computing per client connection (peer "ipv4:host:port").
+        # Event-loop thread only, like the batcher's queue.
+        self._per_peer: dict[str, int] = {}
 
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+        """Per-connection limit around :meth:`_predict` (SECURITY.md: limits)."""
+        peer = context.peer()
+        held = self._per_peer.get(peer, 0)
+        if held >= self.config.max_queued_per_peer:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"this connection already has {held} requests queued at this teacher "
+                                f"(max_queued_per_peer {self.config.max_queued_per_peer}); wait for answers "
+                                "before sending more")
+        self._per_peer[peer] = held + 1
         try:
-            inputs, n = validate_inputs(request.inputs, self.model, self.config.max_batch_size)
+            return await self._predict(request, context)
+        finally:
+            left = self._per_peer[peer] - 1
+            if left:
+                self._per_peer[peer] = left
+            else:
+                del self._per_peer[peer]
+
+    async def _predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+        # A request whose deadline already passed is not computed. One that
+        # expires while queued is cancelled by grpc.aio, which cancels its
+        # batcher future, and the batcher skips it (tests/test_security_limits.py).
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request was queued")
+        try:
+            inputs, n = validate_inputs(request.inputs, self.model, self.config.max_batch_size,
+                                        self.config.max_tensor_elements)
             plans = plan_outputs(request.outputs, self.model.outputs)
             result = await self.batcher.submit(inputs, plans, n)
         except RequestError as exc:
