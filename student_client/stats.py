@@ -84,12 +84,43 @@ class ReaderStats:
             large share of the training time means more teachers would help.
         source: the knowledge source's own stats (a PoolStats for teachers,
             a dict for other sources).
+        samples: samples delivered (the first dimension of each batch's
+            teacher input).
+        wall_s: time spent inside epochs (from the first ``next()`` of an
+            epoch until it ends), i.e. training steps plus waiting; time
+            between epochs (evaluation, checkpoints) is not counted.
+
+    ``wait_fraction`` (= ``wait_s / wall_s``) is the number to watch: near 0
+    the teachers keep up; above ~0.1 the training loop is starved and more
+    teachers (or a larger ``window``) would speed training up.
     """
 
     batches: int
     epochs: int
     wait_s: float
     source: Any = None
+    samples: int = 0
+    wall_s: float = 0.0
+
+    @property
+    def wait_fraction(self) -> float:
+        """Share of ``wall_s`` spent waiting on teacher outputs, in [0, 1] (0 before any batch)."""
+        return min(1.0, self.wait_s / self.wall_s) if self.wall_s > 0 else 0.0
+
+    @property
+    def samples_per_s(self) -> float:
+        """Samples delivered per second of ``wall_s`` (0 before any batch)."""
+        return self.samples / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def teachers(self) -> dict[str, TeacherStats]:
+        """Per-teacher counters by endpoint (removed teachers included; empty for other sources)."""
+        return dict(getattr(self.source, "teachers", None) or {})
+
+    @property
+    def live_teachers(self) -> int:
+        """Teachers in the pool now whose circuit breaker lets requests through."""
+        return sum(1 for t in self.teachers.values() if t.live and not t.state.startswith("open"))
 
     @property
     def retries(self) -> int:
@@ -104,10 +135,17 @@ class ReaderStats:
 
     def as_dict(self) -> dict[str, Any]:
         """A flat summary for logs and reports (per-teacher details stay in ``source``)."""
-        return {"batches": self.batches, "epochs": self.epochs, "wait_s": self.wait_s,
-                "retries": self.retries, "failovers": self.failovers,
+        return {"batches": self.batches, "epochs": self.epochs, "samples": self.samples,
+                "wall_s": self.wall_s, "wait_s": self.wait_s, "wait_fraction": self.wait_fraction,
+                "samples_per_s": self.samples_per_s, "retries": self.retries, "failovers": self.failovers,
                 "late_answers_dropped": int(getattr(self.source, "late_answers_dropped", 0)),
-                "teachers": len(getattr(self.source, "teachers", None) or {})}
+                "teachers": len(self.teachers), "live_teachers": self.live_teachers}
+
+    def summary(self) -> str:
+        """One human-readable line: throughput, live teachers, waiting share, retries."""
+        return (f"{self.batches} batches, {self.samples_per_s:.0f} samples/s, "
+                f"{self.live_teachers} live teacher(s), waiting on teachers {self.wait_fraction:.0%} "
+                f"of the time, {self.retries} retries, {self.failovers} failovers")
 
     def get(self, key: str, default: Any = None) -> Any:
         """Dict-style access to :meth:`as_dict`'s summary."""
