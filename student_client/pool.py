@@ -255,6 +255,9 @@ class TeacherPool(KnowledgeSource):
             channel builder.
         stub_factory: ``channel -> stub`` with ``stub.Predict.future``; default
             the generated ``TeacherStub``.
+        credentials: token and TLS for the default channel factory
+            (:class:`~student_client.credentials.TeacherCredentials`); None
+            reads ``EDISTILL_AUTH_TOKEN``/``EDISTILL_TLS_*`` from the environment.
 
     Raises:
         ConfigError: bad endpoints or outputs.
@@ -262,14 +265,21 @@ class TeacherPool(KnowledgeSource):
 
     def __init__(self, endpoints: Iterable[str] = (), outputs: Sequence[str | OutputSpec] | str = ("logits",),
                  *, config: PoolConfig | None = None, channel_factory: ChannelFactory | None = None,
-                 stub_factory: StubFactory | None = None) -> None:
+                 stub_factory: StubFactory | None = None, credentials=None) -> None:
         self._config = config if config is not None else PoolConfig()
         if not isinstance(self._config, PoolConfig):
             raise ConfigError(f"config must be a PoolConfig, got {type(self._config).__name__}")
         self._specs = normalize_outputs(outputs)
         # field 3 of every PredictRequest, serialized once
         self._outputs_blob = pb.PredictRequest(outputs=output_requests(self._specs)).SerializeToString()
-        self._channel_factory = channel_factory or _default_channel_factory
+        if channel_factory is None:
+            from .credentials import TeacherCredentials
+
+            creds = credentials if credentials is not None else TeacherCredentials.from_env()
+            channel_factory = creds.channel_factory() if creds is not None else _default_channel_factory
+        elif credentials is not None:
+            raise ConfigError("pass credentials= or channel_factory=, not both")
+        self._channel_factory = channel_factory
         self._stub_factory = stub_factory or _default_stub_factory
         self._channel_options = self._config.channel_options()
         self._id = uuid.uuid4().hex[:8]  # distinguishes request ids of pools in one job

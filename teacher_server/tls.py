@@ -16,7 +16,7 @@ import grpc
 
 from teacher_server.errors import ConfigError
 
-__all__ = ["read_pem", "server_credentials"]
+__all__ = ["channel_credentials", "read_pem", "server_credentials"]
 
 
 def read_pem(path: str, flag: str, kind: str) -> bytes:
@@ -66,3 +66,14 @@ def _check_pair(cert_pem: bytes, key_pem: bytes, cert: str, key: str) -> None:
     enc = serialization.Encoding.DER
     if leaf.public_key().public_bytes(enc, fmt) != private.public_key().public_bytes(enc, fmt):
         raise ConfigError(f"--tls-key {key!r} does not match the certificate in --tls-cert {cert!r}")
+
+
+def channel_credentials(ca: str | None = None, cert: str | None = None,
+                        key: str | None = None) -> grpc.ChannelCredentials:
+    """Client side: trust ``ca`` (None: the system roots); present ``cert``/``key`` for mutual TLS."""
+    if (cert is None) != (key is None):
+        raise ConfigError("tls_cert and tls_key go together (the client certificate and its key)")
+    ca_pem = read_pem(ca, "tls_ca", "CERTIFICATE") if ca else None
+    cert_pem = read_pem(cert, "tls_cert", "CERTIFICATE") if cert else None
+    key_pem = read_pem(key, "tls_key", "PRIVATE KEY") if key else None
+    return grpc.ssl_channel_credentials(root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem)
