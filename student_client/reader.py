@@ -79,6 +79,10 @@ class DistillReader:
         pool_config: full :class:`PoolConfig` for ``teachers``/``registry``.
         registry_poll_s: registry polling interval (the watcher's default if None).
         channel_factory, stub_factory: passed to the :class:`TeacherPool`.
+        progress: show a tqdm bar per epoch on stderr with samples/s, live
+            teachers and the share of time spent waiting on teachers.
+        log_every: log the same numbers (:meth:`ReaderStats.summary`) at INFO
+            every N delivered batches; None: never.
 
     Raises:
         ConfigError: conflicting or invalid arguments.
@@ -91,7 +95,8 @@ class DistillReader:
                  window: int = 8, timeout_s: float | None = None, wait_timeout_s: float | None = None,
                  teacher_input: Callable[[Any], Any] | None = None,
                  device: "str | torch.device | None" = None, pool_config: PoolConfig | None = None,
-                 registry_poll_s: float | None = None, channel_factory=None, stub_factory=None) -> None:
+                 registry_poll_s: float | None = None, channel_factory=None, stub_factory=None,
+                 progress: bool = False, log_every: int | None = None) -> None:
         if not hasattr(loader, "__iter__"):
             raise ConfigError(f"loader must be iterable (e.g. a DataLoader), got {type(loader).__name__}")
         chosen = [n for n, v in (("teachers", teachers), ("registry", registry), ("source", source)) if v is not None]
@@ -123,6 +128,17 @@ class DistillReader:
         self._epochs = 0
         self._batches = 0
         self._wait_s = 0.0
+        self._samples = 0
+        self._wall_s = 0.0  # finished epochs' time; the running one adds since _epoch_t0
+        self._epoch_t0: float | None = None
+        if log_every is not None and (isinstance(log_every, bool) or not isinstance(log_every, int)
+                                      or log_every < 1):
+            raise ConfigError(f"log_every must be an int >= 1 or None, got {log_every!r}")
+        self._progress = None
+        if progress or log_every:
+            from .progress import ReaderProgress
+
+            self._progress = ReaderProgress(self.stats, logger, bar=bool(progress), log_every=log_every)
 
         if source is not None:
             if not isinstance(source, KnowledgeSource):
@@ -183,8 +199,11 @@ class DistillReader:
 
     def stats(self) -> ReaderStats:
         """Batches delivered, time spent waiting on teachers, and the source's counters."""
+        wall_s = self._wall_s
+        if self._epoch_t0 is not None:
+            wall_s += time.perf_counter() - self._epoch_t0
         return ReaderStats(batches=self._batches, epochs=self._epochs, wait_s=self._wait_s,
-                           source=self._source.stats())
+                           source=self._source.stats(), samples=self._samples, wall_s=wall_s)
 
     def close(self) -> None:
         """Cancel in-flight batches, stop registry discovery, close the source if the reader made it."""
@@ -242,7 +261,11 @@ class DistillReader:
     def _run_epoch(self, epoch: int) -> Iterator[tuple[Any, dict[str, TeacherValue]]]:
         source = self._source
         window = self._window
-        pending: collections.deque = collections.deque()  # (batch, future), loader order
+        pending: collections.deque = collections.deque()  # (batch, future, inputs), loader order
+        progress = self._progress
+        if progress is not None:
+            progress.start_epoch(epoch, _len_or_none(self._loader))
+        self._epoch_t0 = time.perf_counter()
         it = iter(self._loader)
         index = 0
         exhausted = False
@@ -255,12 +278,13 @@ class DistillReader:
                     except StopIteration:
                         exhausted = True
                         break
-                    fut = source.submit(self._inputs_of(batch), batch_id=f"{epoch}:{index}")
-                    pending.append((batch, fut))
+                    inputs = self._inputs_of(batch)
+                    fut = source.submit(inputs, batch_id=f"{epoch}:{index}")
+                    pending.append((batch, fut, inputs))
                     index += 1
                 if not pending:
                     return
-                batch, fut = pending.popleft()
+                batch, fut, inputs = pending.popleft()
                 if fut.done():
                     out = fut.result()
                 else:
@@ -272,8 +296,31 @@ class DistillReader:
                 if self._device is not None:
                     out = move_outputs(out, self._device, pin=self._pin)
                 self._batches += 1
+                self._samples += _num_samples(inputs)
+                if progress is not None:
+                    progress.batch_delivered(self._batches)
                 yield batch, out
         finally:
-            for _, f in pending:
+            for _, f, _ in pending:
                 f.cancel()
             pending.clear()
+            if self._epoch_t0 is not None:
+                self._wall_s += time.perf_counter() - self._epoch_t0
+                self._epoch_t0 = None
+            if progress is not None:
+                progress.close()
+
+
+def _num_samples(inputs: Any) -> int:
+    """Samples in one batch: the first dimension of its (first) teacher input."""
+    if isinstance(inputs, dict):
+        inputs = next(iter(inputs.values()), None)
+    shape = getattr(inputs, "shape", None)
+    return int(shape[0]) if shape else 0
+
+
+def _len_or_none(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:  # an iterable without a length (e.g. an IterableDataset's loader)
+        return None
