@@ -119,8 +119,8 @@ class ReaderStats:
 
     @property
     def live_teachers(self) -> int:
-        """Teachers in the pool now whose circuit breaker lets requests through."""
-        return sum(1 for t in self.teachers.values() if t.live and not t.state.startswith("open"))
+        """Teachers in the pool now whose circuit breaker is closed (answering; not failing or on probation)."""
+        return sum(1 for t in self.teachers.values() if t.live and t.state == "closed")
 
     @property
     def retries(self) -> int:
