@@ -27,6 +27,10 @@ __all__ = ["add_commands", "cmd_ls", "cmd_watch", "fetch_views", "format_table"]
 
 _COLUMNS = ("SERVICE", "ENDPOINT", "MODEL", "VERSION", "DEVICE", "LOAD", "REQ/S", "AGE")
 _CLEAR = "\x1b[H\x1b[2J"  # cursor home + clear screen (ANSI; any terminal emulator)
+_NUMERIC = {"LOAD", "REQ/S", "AGE"}  # right-aligned, so magnitudes line up
+_LEGEND = ("columns: LOAD = requests in flight + queued at the teacher (as of its last heartbeat); "
+           "REQ/S = requests per second between two refreshes (- until the second one); "
+           "AGE = time since the teacher started")
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -48,7 +52,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     common(ls)
     ls.set_defaults(func=cmd_ls)
 
-    watch = sub.add_parser("watch", help="a live-updating table of teachers (Ctrl-C to quit)")
+    watch = sub.add_parser("watch", help="a live-updating table of teachers (Ctrl-C to quit)", epilog=_LEGEND)
     common(watch)
     watch.add_argument("--interval-s", type=float, default=1.0, help="seconds between refreshes (default: 1)")
     watch.add_argument("--count", type=int, default=0, help="stop after this many refreshes (default: 0 = forever)")
@@ -107,7 +111,11 @@ def format_table(views: Sequence[ServiceView], rates: dict[str, float] | None = 
                 )
             )
     widths = [max(len(str(cell)) for cell in column) for column in zip(_COLUMNS, *rows)]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [_COLUMNS, *rows]]
+    lines = [
+        "  ".join(str(cell).rjust(width) if name in _NUMERIC else str(cell).ljust(width)
+                  for cell, width, name in zip(row, widths, _COLUMNS)).rstrip()
+        for row in [_COLUMNS, *rows]
+    ]
     return "\n".join(lines)
 
 
@@ -166,7 +174,10 @@ def cmd_watch(args: argparse.Namespace, out: TextIO | None = None) -> int:
             if not status:
                 previous = current
             count = sum(len(view.teachers) for view in views)
-            header = f"edistill registry {redact_url(url)}  {count} live teacher(s)  {time.strftime('%H:%M:%S')}"
+            load = sum(record.load for view in views for record in view.teachers.values())
+            total = f"{sum(rates.values()):.1f} req/s" if rates else "- req/s"
+            header = (f"edistill registry {redact_url(url)}  {count} live teacher(s)  load {load}  {total}  "
+                      f"{time.strftime('%H:%M:%S')}")
             body = format_table(views, rates) if count else "(no live teachers)"
             text = "\n".join(line for line in (header, status, body, *_bad_lines(views)) if line)
             out.write((_CLEAR if redraw else "\n") + text + "\n")
