@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos.edistill.v1 import teacher_pb2 as pb
 from protos.edistill.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.config import DEFAULT_MAX_MESSAGE_BYTES, PRECISIONS, TeacherConfig
-from teacher_server.errors import TeacherError, TeacherUnreachable
+from teacher_server.errors import ConfigError, TeacherError, TeacherUnreachable
 
 __all__ = ["READY_PREFIX", "add_commands", "add_teacher_commands", "apply_env_defaults", "main"]
 
@@ -85,19 +85,53 @@ def add_teacher_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heartbeat-s", type=float, default=1.0, help="registry heartbeat period (default: 1.0)")
     p.add_argument("--ttl-s", type=float, default=3.0,
                    help="seconds without heartbeat before the registry drops this teacher (default: 3.0)")
+    _add_security_flags(p)
     p.set_defaults(func=cmd_serve)
     apply_env_defaults(p)
 
     p = sub.add_parser("describe", help="print a teacher's Describe answer as JSON")
     p.add_argument("address", help="HOST:PORT")
     p.add_argument("--timeout-s", type=float, default=5.0)
+    _add_client_security_flags(p)
     p.set_defaults(func=cmd_describe)
 
     p = sub.add_parser("health", help="standard gRPC health check; exit 0 only when SERVING")
     p.add_argument("address", help="HOST:PORT")
     p.add_argument("--timeout-s", type=float, default=5.0)
     p.add_argument("--service", default="", help="service name to check (default: the whole server)")
+    _add_client_security_flags(p)
     p.set_defaults(func=cmd_health)
+
+
+def _add_security_flags(p: argparse.ArgumentParser) -> None:
+    """``serve`` flags from SECURITY.md. No flag takes a secret itself: tokens come from a file or the env."""
+    d = _defaults
+    p.add_argument("--auth-token-file", default=None, metavar="PATH",
+                   help="require 'authorization: Bearer <token>' on Teacher RPCs; one accepted token per line, "
+                        "re-read on change and on SIGHUP (tokens may also come from $EDISTILL_AUTH_TOKEN, "
+                        "comma-separated); health checks stay open")
+    p.add_argument("--tls-cert", default=None, metavar="PEM", help="serve TLS with this certificate (chain)")
+    p.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert")
+    p.add_argument("--tls-ca", default=None, metavar="PEM",
+                   help="mutual TLS: require client certificates signed by these CA(s)")
+    p.add_argument("--max-tensor-elements", type=int, default=d.max_tensor_elements, metavar="N",
+                   help=f"largest input tensor accepted, in elements (default: {d.max_tensor_elements})")
+    p.add_argument("--max-queued-per-peer", type=int, default=d.max_queued_per_peer, metavar="N",
+                   help="requests one client connection may have queued or running before "
+                        f"RESOURCE_EXHAUSTED (default: {d.max_queued_per_peer})")
+    p.add_argument("--trust-model-file", action="store_true", default=False,
+                   help="allow --model to be a pickled torch.save(model) file; unpickling runs arbitrary "
+                        "code, so only for files you made yourself")
+
+
+def _add_client_security_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-ca", default=None, metavar="PEM", help="use TLS and verify the teacher against this CA")
+    p.add_argument("--tls-cert", default=None, metavar="PEM", help="client certificate (mutual TLS)")
+    p.add_argument("--tls-key", default=None, metavar="PEM", help="client key (mutual TLS)")
+    p.add_argument("--tls-server-name", default=None, metavar="NAME",
+                   help="name expected in the teacher's certificate (default: the host in ADDRESS)")
+    p.add_argument("--auth-token-file", default=None, metavar="PATH",
+                   help="bearer token to send (first line); default: $EDISTILL_AUTH_TOKEN if set")
 
 
 def _metrics_port(value: str) -> int | None:
@@ -134,6 +168,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         grace_s=args.grace_s,
         torch_threads=args.torch_threads,
         metrics_port=args.metrics_port,
+        auth_token_file=args.auth_token_file,
+        auth_tokens=_env_tokens(),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+        max_tensor_elements=args.max_tensor_elements,
+        max_queued_per_peer=args.max_queued_per_peer,
     )
     # Imported here so a bad flag is reported before torch is imported (~2 s).
     import torch
@@ -146,7 +187,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)  # before the warm-up pass
     model = load_model(args.model, device=config.device, precision=config.precision,
-                       checkpoint=args.checkpoint, model_kwargs=args.model_kwargs, input_specs=args.input_spec)
+                       checkpoint=args.checkpoint, model_kwargs=args.model_kwargs, input_specs=args.input_spec,
+                       trust_model_file=args.trust_model_file)
 
     def _ready(address: str) -> None:
         print(f"{READY_PREFIX}{address}", flush=True)
@@ -189,18 +231,48 @@ def apply_env_defaults(parser: argparse.ArgumentParser, prefix: str = "EDISTILL_
         action.required = False
 
 
-def _channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=[
+def _env_tokens() -> tuple[str, ...]:
+    """Accepted tokens from $EDISTILL_AUTH_TOKEN (comma-separated), never from argv."""
+    from teacher_server.auth import AUTH_TOKEN_ENV, parse_tokens
+
+    return tuple(parse_tokens(os.environ.get(AUTH_TOKEN_ENV, ""), where=AUTH_TOKEN_ENV, sep=","))
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    options = [
         ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
-    ])
+    ]
+    if args.tls_ca or args.tls_cert or args.tls_server_name:
+        from teacher_server.tls import channel_credentials
+
+        if args.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", args.tls_server_name))
+        return grpc.secure_channel(args.address, channel_credentials(args.tls_ca, args.tls_cert, args.tls_key),
+                                   options=options)
+    return grpc.insecure_channel(args.address, options=options)
+
+
+def _call_metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...] | None:
+    from teacher_server.auth import AUTH_TOKEN_ENV, parse_tokens
+
+    if args.auth_token_file:
+        try:
+            with open(args.auth_token_file, encoding="utf-8") as f:
+                tokens = parse_tokens(f.read(), where=f"--auth-token-file {args.auth_token_file!r}")
+        except OSError as exc:
+            raise ConfigError(f"cannot read --auth-token-file {args.auth_token_file!r}: {exc.strerror}") from None
+    else:
+        tokens = parse_tokens(os.environ.get(AUTH_TOKEN_ENV, ""), where=AUTH_TOKEN_ENV, sep=",")
+    return (("authorization", f"Bearer {tokens[0]}"),) if tokens else None
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
     """Print the teacher's Describe answer as JSON."""
-    with _channel(args.address) as channel:
+    with _channel(args) as channel:
         try:
-            resp = pb_grpc.TeacherStub(channel).Describe(pb.DescribeRequest(), timeout=args.timeout_s)
+            resp = pb_grpc.TeacherStub(channel).Describe(pb.DescribeRequest(), timeout=args.timeout_s,
+                                                         metadata=_call_metadata(args))
         except grpc.RpcError as exc:
             raise TeacherUnreachable(f"no Describe answer from {args.address}: {exc.code().name}: "
                                      f"{exc.details()}") from exc
@@ -210,7 +282,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
 def cmd_health(args: argparse.Namespace) -> int:
     """Print the health status; 0 if SERVING, 1 otherwise (including unreachable)."""
-    with _channel(args.address) as channel:
+    with _channel(args) as channel:
         try:
             resp = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout_s)

@@ -254,6 +254,7 @@ def load_model(
     checkpoint: str | None = None,
     model_kwargs: Mapping[str, Any] | str | None = None,
     input_specs: Sequence[Any] | None = None,
+    trust_model_file: bool = False,
 ) -> LoadedModel:
     """Load ``spec`` (a file path or ``package.module:factory``), move it to ``device``, warm it up.
 
@@ -261,6 +262,10 @@ def load_model(
         ModelLoadError: missing/corrupt/unsupported file, failing factory or warm-up.
         SignatureError: no input signature could be determined.
         ConfigError: inconsistent options (e.g. ``checkpoint`` with a file model).
+
+    ``trust_model_file=True`` (CLI ``--trust-model-file``) additionally accepts a
+    pickled ``torch.save(model)`` file. Unpickling runs arbitrary code from the
+    file, so this is refused by default (SECURITY.md).
     """
     t0 = time.perf_counter()
     dev = _device(device)
@@ -274,8 +279,10 @@ def load_model(
         if checkpoint is not None or model_kwargs:
             raise ConfigError("--checkpoint and --model-kwargs apply only to package.module:factory models, "
                               f"not to the model file {spec!r}")
-        fmt = _sniff_format(spec)
-        if fmt == "torchscript":
+        fmt = _sniff_format(spec, trust_model_file)
+        if fmt == "pickle":
+            module, embedded = _load_pickled_module(spec, dev)
+        elif fmt == "torchscript":
             module, embedded = _load_torchscript(spec, dev)
         else:
             module, embedded = _load_exported(spec, dev)
@@ -349,10 +356,12 @@ def _load_checkpoint(module: torch.nn.Module, path: str) -> None:
         raise ModelLoadError(f"checkpoint {path!r} does not fit the model: {_first_line(exc)}") from exc
 
 
-def _sniff_format(path: str) -> str:
+def _sniff_format(path: str, trust_model_file: bool = False) -> str:
     if not os.path.exists(path):
         raise ModelLoadError(f"model file {path!r} does not exist; give a TorchScript file, a .pt2 "
                              "torch.export archive or package.module:factory")
+    if os.path.isfile(path) and trust_model_file and not zipfile.is_zipfile(path):
+        return "pickle"  # legacy (non-zip) torch.save format
     if not os.path.isfile(path) or not zipfile.is_zipfile(path):
         raise ModelLoadError(
             f"model file {path!r} is not a TorchScript or torch.export archive (not a zip file); "
@@ -368,11 +377,29 @@ def _sniff_format(path: str) -> str:
     if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
         return "torchscript"
     if any(n.endswith("/data.pkl") for n in names):
+        if trust_model_file:
+            return "pickle"
         raise ModelLoadError(
-            f"model file {path!r} is a torch.save() checkpoint, which would need unpickling; serve it as "
-            "package.module:factory --checkpoint FILE (state dict) or re-save it with save_torchscript"
+            f"model file {path!r} is a torch.save() checkpoint, which would need unpickling (runs code from "
+            "the file); serve it as package.module:factory --checkpoint FILE (state dict), re-save it with "
+            "save_torchscript, or pass --trust-model-file if you made this file yourself"
         )
     raise ModelLoadError(f"model file {path!r} is a zip archive but neither TorchScript nor torch.export")
+
+
+def _load_pickled_module(path: str, dev: torch.device) -> tuple[Any, tuple]:
+    """``torch.save(model)`` file, only with --trust-model-file: unpickling runs the file's code."""
+    log.warning("unpickling model file %s (--trust-model-file): this runs code from the file", path)
+    try:
+        obj = torch.load(path, map_location=dev, weights_only=False)
+    except Exception as exc:
+        raise ModelLoadError(f"model file {path!r} cannot be unpickled ({type(exc).__name__}: "
+                             f"{_first_line(exc)}); it may be corrupt or need modules that are not installed") from exc
+    if not isinstance(obj, torch.nn.Module):
+        raise ModelLoadError(f"model file {path!r} holds a {type(obj).__name__}, not a torch.nn.Module; "
+                             "a state dict is served as package.module:factory --checkpoint FILE")
+    declared = getattr(obj, "edistill_inputs", None)
+    return obj.to(dev).eval(), coerce_specs(declared, where=path) if declared else ()
 
 
 def _load_torchscript(path: str, dev: torch.device) -> tuple[Any, tuple]:
