@@ -38,6 +38,7 @@ from teacher_server.auth import AuthInterceptor, TokenSet
 from teacher_server.errors import ConfigError
 from teacher_server.metrics import TeacherMetrics
 from teacher_server.model import LoadedModel
+from teacher_server.security import DecodeGuardInterceptor
 from teacher_server.servicer import SERVER_VERSION, TeacherServicer
 from teacher_server.tls import server_credentials
 
@@ -159,12 +160,12 @@ class TeacherServer:
         return port
 
     def _security_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        """The bearer-token check (SECURITY.md), innermost: runs after metrics, before the handler."""
+        """The bearer-token check, then the decode guard (SECURITY.md); innermost, after metrics."""
         self.auth = None
         if self.config.auth_enabled:
             self.auth = AuthInterceptor(TokenSet(self.config.auth_token_file, self.config.auth_tokens))
-            return [self.auth]
-        return []
+            return [self.auth, DecodeGuardInterceptor()]
+        return [DecodeGuardInterceptor()]
 
     def reload_auth_tokens(self) -> None:
         """Re-read ``auth_token_file`` now (SIGHUP); the file is also re-read when it changes."""
