@@ -60,7 +60,6 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
@@ -141,22 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
         env = _env_name(flag)
         value = os.environ.get(env, "")
         # argparse applies type= to a string default, so env values are parsed like flags.
-        p.add_argument(flag, default=value if value != "" else default, help=f"{help} [{env}]", **kw)
+        group.add_argument(flag, default=value if value != "" else default, help=f"{help} [{env}]", **kw)
 
-    g = p.add_argument_group("teachers (exactly one of --registry or --teachers)")
+    group = p.add_argument_group("teachers (exactly one of --registry or --teachers)")
     add("--registry", None, "Redis URL of the teacher registry, e.g. redis://redis:6379/0")
     add("--service", None, "service name the teachers registered under")
     add("--teachers", "", "comma-separated host:port teachers instead of a registry")
     add("--wait-teachers-s", d.wait_teachers_s, "fail when no teacher is reachable for this long", type=float)
     add("--timeout-s", d.timeout_s, "deadline of one teacher call (then it goes to another teacher)", type=float)
     add("--window", d.window, "batches in flight to the teachers per rank", type=int)
-    g = p.add_argument_group("data")
+    group = p.add_argument_group("data")
     add("--dataset", d.dataset, "digits (scikit-learn, offline) or synthetic", choices=("digits", "synthetic"))
     add("--synthetic-samples", d.synthetic_samples, "synthetic: number of training samples", type=int)
     add("--synthetic-features", d.synthetic_features, "synthetic: features per sample", type=int)
     add("--synthetic-classes", d.synthetic_classes, "synthetic: number of classes", type=int)
     add("--workers", d.workers, "DataLoader worker processes per rank", type=int)
-    g = p.add_argument_group("training")
+    group = p.add_argument_group("training")
     add("--epochs", d.epochs, "passes over the training set", type=int)
     add("--batch-size", d.batch_size, "samples per step per rank", type=int)
     add("--lr", d.lr, "SGD learning rate (momentum 0.9)", type=float)
@@ -165,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ce-weight", d.ce_weight, "weight λ of the hard-label cross-entropy", type=float)
     add("--device", d.device, "auto, cpu or cuda (each rank uses cuda:$LOCAL_RANK)")
     add("--seed", d.seed, "random seed (the same on every rank)", type=int)
-    g = p.add_argument_group("output")
+    group = p.add_argument_group("output")
     add("--save", None, "rank 0 saves the trained student's state dict to this file")
     add("--record-samples", None, "debugging: write DIR/rank<R>.json per rank with the sample ids trained on, "
         "the teacher outputs' first column and a final weights checksum")
@@ -280,13 +279,11 @@ def make_student(in_features: int, hidden: int, num_classes: int) -> nn.Module:
 
 
 def weights_checksum(model: nn.Module) -> dict:
-    """Sums (float64) and a SHA-256 of every parameter: equal across ranks iff DDP kept them in step."""
-    params = [p.detach().to("cpu", torch.float64).reshape(-1) for p in model.parameters()]
-    flat = torch.cat(params)
-    digest = hashlib.sha256(torch.cat([p.detach().cpu().reshape(-1) for p in model.parameters()])
-                            .numpy().tobytes()).hexdigest()
-    return {"sum": float(flat.sum()), "abs_sum": float(flat.abs().sum()),
-            "sq_sum": float((flat * flat).sum()), "numel": int(flat.numel()), "sha256": digest}
+    """Sums and a SHA-256 of all parameters: equal on every rank when DDP kept the replicas in step."""
+    raw = torch.cat([p.detach().cpu().reshape(-1) for p in model.parameters()])  # (numel,) in model dtype
+    flat = raw.double()  # float64 sums, so rounding does not hide a real difference
+    return {"sum": float(flat.sum()), "abs_sum": float(flat.abs().sum()), "sq_sum": float((flat * flat).sum()),
+            "numel": int(flat.numel()), "sha256": hashlib.sha256(raw.numpy().tobytes()).hexdigest()}
 
 
 @torch.no_grad()
