@@ -140,8 +140,11 @@ class TeacherServicer(pb_grpc.TeacherServicer):
             plans = plan_outputs(request.outputs, self.model.outputs)
             result = await self.batcher.submit(inputs, plans, n)
         except RequestError as exc:
-            if exc.code != grpc.StatusCode.INVALID_ARGUMENT:
-                log.warning("Predict %s: %s: %s", request.request_id, exc.code.name, exc)
+            # Client faults and overload are answered, not logged: a flood of
+            # them must not become a flood of log lines. request_id is the
+            # client's text, hence %r (no forged log lines).
+            if exc.code not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                log.warning("Predict %r: %s: %s", request.request_id[:64], exc.code.name, exc)
             await context.abort(exc.code, str(exc))
         resp = pb.PredictResponse(
             request_id=request.request_id,
