@@ -41,6 +41,7 @@ __all__ = [
     "ReaderStats",
     "SourceClosedError",
     "StudentError",
+    "TeacherCredentials",
     "TeacherPool",
     "TeacherRequestError",
     "TeacherResponseError",
@@ -62,6 +63,7 @@ _LAZY = {
     "PoolConfig": "config",
     "PoolStats": "stats",
     "ReaderStats": "stats",
+    "TeacherCredentials": "credentials",
     "TeacherPool": "pool",
     "TeacherStats": "stats",
     "TopK": "outputs",
@@ -74,6 +76,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from .backoff import ExponentialBackoff
     from .config import PoolConfig
+    from .credentials import TeacherCredentials
     from .losses import KDLoss, TopKKDLoss, kd_loss, kd_loss_dense, kd_loss_topk
     from .outputs import OutputSpec, TopK
     from .pool import TeacherPool

@@ -79,6 +79,11 @@ class DistillReader:
         pool_config: full :class:`PoolConfig` for ``teachers``/``registry``.
         registry_poll_s: registry polling interval (the watcher's default if None).
         channel_factory, stub_factory: passed to the :class:`TeacherPool`.
+        credentials: token and TLS settings for teacher channels
+            (:class:`~student_client.credentials.TeacherCredentials`).
+        auth_token, auth_token_file, tls_ca, tls_cert, tls_key, tls_server_name:
+            shorthand for the same fields; unset ones come from
+            ``EDISTILL_AUTH_TOKEN[_FILE]``/``EDISTILL_TLS_*`` (see SECURITY.md).
         progress: show a tqdm bar per epoch on stderr with samples/s, live
             teachers and the share of time spent waiting on teachers.
         log_every: log the same numbers (:meth:`ReaderStats.summary`) at INFO
@@ -96,6 +101,9 @@ class DistillReader:
                  teacher_input: Callable[[Any], Any] | None = None,
                  device: "str | torch.device | None" = None, pool_config: PoolConfig | None = None,
                  registry_poll_s: float | None = None, channel_factory=None, stub_factory=None,
+                 credentials=None, auth_token: str | None = None, auth_token_file: str | None = None,
+                 tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+                 tls_server_name: str | None = None,
                  progress: bool = False, log_every: int | None = None) -> None:
         if not hasattr(loader, "__iter__"):
             raise ConfigError(f"loader must be iterable (e.g. a DataLoader), got {type(loader).__name__}")
@@ -164,8 +172,20 @@ class DistillReader:
             raise ConfigError(f"teachers must be a non-empty list of 'host:port' strings, got {teachers!r}")
         from .pool import TeacherPool  # grpc is imported only when remote teachers are used
 
+        shorthand = [k for k, v in (("auth_token", auth_token), ("auth_token_file", auth_token_file),
+                                    ("tls_ca", tls_ca), ("tls_cert", tls_cert), ("tls_key", tls_key),
+                                    ("tls_server_name", tls_server_name)) if v is not None]
+        if shorthand and (credentials is not None or channel_factory is not None):
+            raise ConfigError(f"{', '.join(shorthand)} cannot be combined with credentials= or channel_factory=; "
+                              "put them in the TeacherCredentials")
+        if credentials is None and channel_factory is None:
+            from .credentials import TeacherCredentials
+
+            credentials = TeacherCredentials.from_env(
+                auth_token=auth_token, auth_token_file=auth_token_file, tls_ca=tls_ca, tls_cert=tls_cert,
+                tls_key=tls_key, tls_server_name=tls_server_name)
         pool = TeacherPool(teachers or (), specs, config=cfg, channel_factory=channel_factory,
-                           stub_factory=stub_factory)
+                           stub_factory=stub_factory, credentials=credentials)
         self._source = pool
         if registry is not None:
             kwargs = {} if registry_poll_s is None else {"poll_s": registry_poll_s}

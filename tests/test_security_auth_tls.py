@@ -246,3 +246,17 @@ def test_teacher_process_with_mtls_and_cli_health(pki):
         args = ["health", t.address, "--tls-ca", pki["ca"].cert, "--tls-cert", c.cert, "--tls-key", c.key]
         assert main(args) == 0
         assert main(["health", t.address, "--tls-ca", pki["ca"].cert, "--timeout-s", "2"]) == 1
+
+
+def test_distill_reader_sends_token_and_speaks_tls(model, pki):
+    from student_client import DistillReader
+
+    loader = [torch.ones(2, 8), torch.zeros(3, 8)]
+    with BackgroundTeacher(_tls_config(pki["server"], auth_tokens=(TOKEN_A,)), model) as t:
+        with DistillReader(loader, teachers=[t.address], auth_token=TOKEN_A, tls_ca=pki["ca"].cert,
+                           timeout_s=5, wait_timeout_s=20) as reader:
+            shapes = [teacher["logits"].shape for _, teacher in reader]
+        assert shapes == [(2, 4), (3, 4)]
+    with pytest.raises(StudentConfigError, match="cannot be combined"):
+        DistillReader(loader, teachers=["127.0.0.1:1"], auth_token=TOKEN_A,
+                      credentials=TeacherCredentials(auth_token=TOKEN_B))
