@@ -13,13 +13,18 @@ Prints one JSON object per measured round, then a summary object whose
 
 Findings on the 2-core dev box (shared with other jobs, so noisy):
 * glibc malloc thresholds matter most: without them a conv forward is 2-4x
-  slower in either mode; the server now sets them itself (_malloc.py) and
-  this script re-execs itself with the same env so the baseline is fair.
-* Transport (encode, gRPC, decode) costs ~8 ms per 64x3x32x32 batch; the
-  gap is the forward pass inside the server: ~440 ms vs ~310 ms in-process
-  with 2 torch threads (ratio ~0.71), but ~0.96 with ``--torch-threads 1``.
-  So with both cores used by intra-op threads, something else in the server
-  process (gRPC/asyncio threads) is contending with them. Open issue.
+  slower in either mode; the server sets them itself (_malloc.py) and this
+  script re-execs itself with the same env so the baseline is fair.
+* Transport (encode, gRPC, decode) costs ~8 ms per 64x3x32x32 batch.
+* The served forward used to be ~25-40% slower than in-process (ratio ~0.71
+  with 2 torch threads, ~0.96 with 1). Not gRPC threads competing for the
+  cores (per-thread CPU of the server: event loop and gRPC pollers ~1%), but
+  malloc: the forward runs in a worker thread, whose glibc arena is made of
+  64 MiB mmap'ed sub-heaps that are munmap'ed as soon as they are empty,
+  whatever the trim threshold. strace showed 64 MiB munmaps and the server
+  took ~20k minor page faults per batch (in-process: ~0). MALLOC_ARENA_MAX=1
+  (now part of the server's tuning) brings it to ~0. Each line below reports
+  ``minflt_per_batch`` for both modes so a regression is visible.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import argparse
 import json
 import os
 import pathlib
+import resource
 import statistics
 import sys
 import time
@@ -44,9 +50,9 @@ from teacher_server import DEFAULT_MAX_MESSAGE_BYTES, zoo  # noqa: E402
 from tests.helpers.teacher_proc import TeacherProcess  # noqa: E402
 
 # glibc returns large freed blocks to the OS with munmap and gets fresh zeroed
-# pages on the next malloc; with ~1 MB messages every request pays that.
-# Raising the thresholds keeps them in the heap (same as scripts/test.sh).
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "268435456"}
+# pages on the next malloc; the server tunes this itself (teacher_server/_malloc.py),
+# and both processes here get the same settings as environment variables.
+from teacher_server._malloc import MALLOC_ENV  # noqa: E402
 
 
 def _emit(obj: dict) -> None:
@@ -61,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=64, help="ResNet base width (64 = ResNet-18)")
     p.add_argument("--no-malloc-env", action="store_true", help="leave glibc malloc thresholds at defaults")
     p.add_argument("--torch-threads", type=int, default=None, help="intra-op threads, both modes")
+    p.add_argument("--malloc-arena-max", type=int, default=int(MALLOC_ENV["MALLOC_ARENA_MAX"]),
+                   help="MALLOC_ARENA_MAX for both processes (0 = glibc default, which shows the old gap)")
     opts = p.parse_args(argv)
+    MALLOC_ENV["MALLOC_ARENA_MAX"] = str(opts.malloc_arena_max)
     if not opts.no_malloc_env and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
         # glibc reads these at process start: re-exec so the in-process baseline
         # runs with the same allocator settings as the server (a fair comparison).
@@ -82,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {"EDISTILL_MALLOC_TUNING": "0"} if opts.no_malloc_env else MALLOC_ENV
     config = {"model": "resnet18_cifar", "width": opts.width, "batch_size": opts.batch_size,
               "torch_threads": torch.get_num_threads(), "malloc_env": not opts.no_malloc_env,
+              "malloc_arena_max": None if opts.no_malloc_env else opts.malloc_arena_max,
               "cpus": os.cpu_count(), "torch": torch.__version__}
     _emit({"config": config})
 
@@ -110,20 +120,28 @@ def main(argv: list[str] | None = None) -> int:
         assert max_diff < 1e-3, f"served and in-process outputs differ by {max_diff}"
         local_batch(), served_batch()
 
+        def minflt() -> dict[str, int]:
+            with open(f"/proc/{proc.pid}/stat") as f:
+                server = int(f.read().rsplit(")", 1)[1].split()[7])  # field 10: minflt
+            return {"inprocess": resource.getrusage(resource.RUSAGE_SELF).ru_minflt, "served": server}
+
         rates: dict[str, list[float]] = {"inprocess": [], "served": []}
         fns = {"inprocess": local_batch, "served": served_batch}
         for r in range(opts.rounds):
             order = ("inprocess", "served") if r % 2 == 0 else ("served", "inprocess")
             for mode in order:
                 del server_ms[:]
+                f0 = minflt()[mode]  # page faults of the process doing the forward pass
                 t0 = time.perf_counter()
                 for _ in range(opts.batches):
                     fns[mode]()
                 dt = time.perf_counter() - t0
+                faults = minflt()[mode] - f0
                 rate = opts.batches * opts.batch_size / dt
                 rates[mode].append(rate)
                 line = {"round": r, "mode": mode, "samples_per_s": round(rate, 2),
-                        "ms_per_batch": round(1000 * dt / opts.batches, 2)}
+                        "ms_per_batch": round(1000 * dt / opts.batches, 2),
+                        "minflt_per_batch": round(faults / opts.batches)}
                 if mode == "served":
                     line["server_compute_ms"] = round(statistics.mean(server_ms), 2)
                 _emit(line)
