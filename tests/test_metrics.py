@@ -145,3 +145,20 @@ def test_cli_rejects_a_bad_metrics_port_before_loading_the_model() -> None:
                           timeout=TIMEOUT_S)
     assert proc.returncode == 2
     assert "--metrics-port" in proc.stderr and "'none'" in proc.stderr
+
+
+def test_calls_rejected_by_authentication_are_counted_too() -> None:
+    """The metrics interceptor sits in front of the security ones: rejected calls show up by code."""
+    token = "metrics-test-token-0123456789abcdef"
+    cfg = TeacherConfig(metrics_port=0, auth_tokens=(token,))
+    with BackgroundTeacher(cfg, LoadedModel.from_module(zoo.latency(delay_ms=1))) as teacher, \
+            grpc.insecure_channel(teacher.address) as channel:
+        stub = pb_grpc.TeacherStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Predict(ids_request([1]), timeout=TIMEOUT_S)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        stub.Predict(ids_request([1, 2]), timeout=TIMEOUT_S, metadata=(("authorization", f"Bearer {token}"),))
+        m = scrape(f"http://127.0.0.1:{teacher.server.metrics.port}/metrics")
+    assert value(m, "edistill_teacher_requests_total", method="Predict", code="UNAUTHENTICATED") == 1
+    assert value(m, "edistill_teacher_requests_total", method="Predict", code="OK") == 1
+    assert value(m, "edistill_teacher_samples_total") == 2
