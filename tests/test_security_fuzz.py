@@ -193,6 +193,7 @@ def test_server_survives_the_fuzzing_with_bounded_memory(teacher):
     resp = pb.PredictResponse.FromString(fuzz.raw(GOOD, timeout=10))
     assert resp.outputs[0].name == "logits" and list(resp.outputs[0].values.shape) == [2, 10]
     growth = _rss_mb(teacher.pid) - teacher.rss_start_mb
+    print(f"fuzz: {fuzz.sent} requests, codes {dict(fuzz.codes)}, teacher RSS growth {growth:.1f} MB")
     assert growth < RSS_GROWTH_LIMIT_MB, f"teacher RSS grew by {growth:.1f} MB; codes {dict(fuzz.codes)}"
     # The fuzzing reached the model, the validator and the parser, not just one of them.
     assert fuzz.codes["OK"] > 0 and fuzz.codes["INVALID_ARGUMENT"] > 0, dict(fuzz.codes)
