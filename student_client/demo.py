@@ -50,6 +50,8 @@ import threading
 import time
 from typing import Any
 
+from student_client.errors import StudentError
+
 log = logging.getLogger(__name__)
 
 __all__ = ["DemoConfig", "add_commands", "run_demo"]
@@ -184,8 +186,7 @@ class _TeacherFleet:
         self.procs: list[tuple[subprocess.Popen, str]] = []
         self._count = 0
 
-    def start(self) -> tuple[subprocess.Popen, str]:
-        """Start one teacher and wait until it prints its ready line."""
+    def _launch(self) -> tuple[subprocess.Popen, pathlib.Path]:
         self._count += 1
         cmd = [
             sys.executable, "-m", "teacher_server", "serve",
@@ -198,14 +199,26 @@ class _TeacherFleet:
             "--max-queue-delay-ms", "1",
         ]
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        stderr = open(self.log_dir / f"teacher-{self._count}.log", "wb")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, env=env, text=True)
-        stderr.close()
-        address = self._wait_ready(proc)
-        self.procs.append((proc, address))
-        return proc, address
+        log_file = self.log_dir / f"teacher-{self._count}.log"
+        with open(log_file, "wb") as stderr:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, env=env, text=True)
+        return proc, log_file
 
-    def _wait_ready(self, proc: subprocess.Popen, timeout_s: float = 60.0) -> str:
+    def start(self) -> tuple[subprocess.Popen, str]:
+        """Start one teacher and wait until it prints its ready line."""
+        return self.start_many(1)[0]
+
+    def start_many(self, n: int) -> list[tuple[subprocess.Popen, str]]:
+        """Start ``n`` teachers at once (they boot in parallel) and wait for all."""
+        launched = [self._launch() for _ in range(n)]
+        started = []
+        for proc, log_file in launched:
+            address = self._wait_ready(proc, log_file)
+            self.procs.append((proc, address))
+            started.append((proc, address))
+        return started
+
+    def _wait_ready(self, proc: subprocess.Popen, log_file: pathlib.Path, timeout_s: float = 60.0) -> str:
         result: list[str] = []
 
         def read() -> None:
@@ -220,9 +233,9 @@ class _TeacherFleet:
         reader.join(timeout_s)
         if not result:
             proc.kill()
-            log_file = self.log_dir / f"teacher-{self._count}.log"
             tail = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
-            raise RuntimeError(f"teacher process did not become ready in {timeout_s:.0f} s; its log:\n{tail}")
+            raise StudentError(f"demo teacher process did not become ready in {timeout_s:.0f} s; "
+                               f"its log ({log_file}):\n{tail}")
         return result[0]
 
     def stop_all(self) -> None:
@@ -378,6 +391,7 @@ class _LiveSampler:
 
     def __init__(self, watcher, t0: float, period_s: float = 0.1) -> None:
         self.samples: list[tuple[float, int]] = []
+        self.endpoints: set[str] = set()  # every teacher seen live in the registry
         self._watcher, self._t0, self._period_s = watcher, t0, period_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edistill-demo-live", daemon=True)
@@ -387,7 +401,9 @@ class _LiveSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self._period_s):
-            self.samples.append((time.monotonic() - self._t0, len(self._watcher.snapshot())))
+            live = self._watcher.snapshot()
+            self.endpoints.update(live)
+            self.samples.append((time.monotonic() - self._t0, len(live)))
 
     def stop(self) -> None:
         self._stop.set()
@@ -423,8 +439,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
         fleet = _TeacherFleet(checkpoint, cfg.teacher_hidden, registry_url, out)
         t_fleet = time.monotonic()
-        for _ in range(cfg.teachers):
-            fleet.start()
+        fleet.start_many(cfg.teachers)
         watcher = TeacherWatcher(registry_url, SERVICE, on_change=lambda snapshot: None, poll_s=0.2)
         watcher.start()
         sampler = _LiveSampler(watcher, t_fleet)
@@ -469,7 +484,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
         for thread in replacement:
             thread.join()
+        seen_endpoints |= set(watcher.snapshot())
         sampler.stop()
+        seen_endpoints |= sampler.endpoints
         distilled_runs = runs["distilled"] + runs["distilled, labelled inputs only"]
         failovers = sum(int(r.stats.get("failovers", 0)) for r in distilled_runs)
         report: dict[str, Any] = {
