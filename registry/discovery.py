@@ -35,12 +35,17 @@ class ServiceView:
             endpoint, the most recently started wins.
         bad: teacher id -> why its record was skipped (malformed, wrong schema,
             oversized, or not matching its key).
+        next_expiry_s: the earliest expiry time (server clock) among the live
+            members, or None if there are none: a teacher whose heartbeat
+            stopped leaves at that moment without any event, so a watcher
+            re-reads then instead of waiting for its next poll.
     """
 
     service: str
     server_time_s: float
     teachers: dict[str, TeacherRecord] = field(default_factory=dict)
     bad: dict[str, BadRecordError] = field(default_factory=dict)
+    next_expiry_s: float | None = None
 
 
 def fetch_service(client: redis.Redis, service: str, *, prune: bool = True) -> ServiceView:
@@ -58,7 +63,7 @@ def fetch_service(client: redis.Redis, service: str, *, prune: bool = True) -> S
     members_key = keys.members_key(service)
     now_ms = server_time_ms(client)
     pipe = client.pipeline(transaction=False)
-    pipe.zrangebyscore(members_key, now_ms, "+inf")
+    pipe.zrangebyscore(members_key, now_ms, "+inf", withscores=True)
     if prune:
         pipe.zremrangebyscore(members_key, "-inf", f"({now_ms}")
     results = pipe.execute(raise_on_error=False)
@@ -66,8 +71,9 @@ def fetch_service(client: redis.Redis, service: str, *, prune: bool = True) -> S
         raise results[0]
     if prune and isinstance(results[1], redis_exc.ResponseError):
         logger.debug("cannot prune expired members of %s: %s", service, results[1])
-    ids = [raw.decode(errors="replace") for raw in results[0]]
-    view = ServiceView(service=service, server_time_s=now_ms / 1000.0)
+    ids = [raw.decode(errors="replace") for raw, _ in results[0]]
+    view = ServiceView(service=service, server_time_s=now_ms / 1000.0,
+                       next_expiry_s=min(score for _, score in results[0]) / 1000.0 if ids else None)
     if not ids:
         return view
     blobs = client.mget([keys.record_key(service, teacher_id) for teacher_id in ids])

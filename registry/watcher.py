@@ -42,6 +42,9 @@ _MAX_BLOCK_S = 0.2
 # While the subscription is down (Redis outage), try to restore it this often,
 # so a watcher with a long poll_s still recovers within a heartbeat or so.
 _RESUBSCRIBE_S = 0.25
+# Re-read this long after the earliest member expiry, so the expired member
+# is certainly out of the range read (expiry is in whole server milliseconds).
+_EXPIRY_MARGIN_S = 0.01
 
 
 def _is_permission_error(exc: BaseException) -> bool:
@@ -112,6 +115,7 @@ class TeacherWatcher:
         self._warned_bad: dict[str, str] = {}
         self._grace_until = 0.0
         self._grace_set: Snapshot = {}
+        self._expiry_at: float | None = None  # monotonic time of the next member expiry
         self._pubsub: redis.client.PubSub | None = None
         self._pubsub_denied = False
         self._stop = threading.Event()
@@ -176,10 +180,13 @@ class TeacherWatcher:
         self._deliver()
         while not self._stop.is_set():
             try:
-                event = self._wait_for_event(next_poll)
+                # A SIGKILLed teacher leaves silently when its entry expires: re-read at
+                # that moment too, so departures take effect within one TTL, not TTL + poll_s.
+                wake_at = next_poll if self._expiry_at is None else min(next_poll, self._expiry_at)
+                event = self._wait_for_event(wake_at)
                 if self._stop.is_set():
                     return
-                if event or time.monotonic() >= next_poll:
+                if event or time.monotonic() >= wake_at:
                     next_poll = time.monotonic() + self._poll_s
                     self._refresh()
                     self._deliver()
@@ -246,8 +253,11 @@ class TeacherWatcher:
             view = fetch_service(self._client, self._service)
         except (redis_exc.RedisError, OSError) as exc:
             self._outage.failed(exc, "reading teachers", "keeping the last known teachers, retrying")
+            self._expiry_at = None  # unknown while Redis is away: poll_s paces the retries
             self._drop_pubsub()
             return
+        self._expiry_at = None if view.next_expiry_s is None else (
+            time.monotonic() + max(0.0, view.next_expiry_s - view.server_time_s) + _EXPIRY_MARGIN_S)
         teachers = view.teachers
         if self._outage.ok() and self._outage_grace_s > 0:
             self._grace_until = time.monotonic() + self._outage_grace_s
