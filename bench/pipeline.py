@@ -1,0 +1,165 @@
+"""Student training throughput: no teacher vs regular distillation vs the service.
+
+A small CNN student trains on 3x32x32 batches (synthetic, made once) in three
+modes, interleaved round by round (the order rotates) so noise hits all alike:
+
+* ``plain`` (a): the loader alone, cross-entropy, no teacher.
+* ``regular`` (b): the teacher's forward pass in the same process before
+  each step (:class:`student_client.InProcessTeacher`), Hinton KD loss.
+* ``service`` (c): :class:`student_client.DistillReader` over ``--teachers``
+  real teacher server processes on loopback, same KD loss. One epoch iterator
+  lives across rounds, so (c) is measured in steady state.
+
+The teacher is by default ``teacher_server.zoo:latency``, a stand-in for an
+accelerator-hosted teacher: it waits ``--delay-ms`` per batch without using
+CPU (in (b) the training thread waits for it, as it would for a GPU). With no
+``--delay-ms`` the delay is ``--teacher-factor`` (1.8) x the student's
+measured step time, the setting of the ``ratio_vs_regular`` target. The
+teachers' capacity (N / delay) then exceeds the student's demand (1 / step)
+for N >= 2, the setting of the ``ratio_vs_plain`` target. ``--teacher cnn``
+serves a real ResNet-18-style CNN instead (on this 2-core box it then
+competes with the student for the same cores, so expect lower ratios).
+
+Summary: ``ratio_vs_plain`` = c / a (target >= 0.95), ``ratio_vs_regular``
+= c / b (target >= 2.5), medians of steps/s over rounds.
+
+    python bench/pipeline.py [--teachers 4] [--rounds 5] [--steps 30] [--teacher latency|cnn]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+
+import _common
+from _common import emit, median
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from student_client import DistillReader, InProcessTeacher  # noqa: E402
+from student_client.losses import kd_loss  # noqa: E402
+from teacher_server import zoo  # noqa: E402
+
+TEMPERATURE = 4.0
+
+
+def student(width: int) -> nn.Module:
+    """Small CNN: (B, 3, 32, 32) -> (B, 10)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, w, 16, 16)
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 2w, 8, 8)
+        nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),  # (B, 4w, 1, 1)
+        nn.Flatten(), nn.Linear(4 * width, 10))
+
+
+def loader(batch_size: int, distinct: int = 8):
+    """Endless (images, labels) batches, made once (the loader costs the same in every mode)."""
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(batch_size, 3, 32, 32, generator=gen), torch.randint(0, 10, (batch_size,), generator=gen))
+               for _ in range(distinct)]
+    return itertools.cycle(batches)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teachers", type=int, default=4, help="teacher server processes for mode (c)")
+    p.add_argument("--teacher", choices=("latency", "cnn"), default="latency")
+    p.add_argument("--delay-ms", type=float, default=None, help="latency teacher time per batch")
+    p.add_argument("--teacher-factor", type=float, default=1.8, help="delay = factor x step time (no --delay-ms)")
+    p.add_argument("--cnn-width", type=int, default=16, help="width of the CNN teacher (64 = ResNet-18)")
+    p.add_argument("--student-width", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=30, help="training steps per mode per round")
+    p.add_argument("--window", type=int, default=None, help="reader window (default 2 x teachers + 2)")
+    opts = p.parse_args(argv)
+    _common.reexec_with_malloc_env()
+
+    net = student(opts.student_width)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    data = loader(opts.batch_size)
+
+    def step(images: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None) -> None:
+        out = net(images)
+        if teacher_logits is None:
+            loss = nn.functional.cross_entropy(out, labels)
+        else:
+            loss = kd_loss(out, teacher_logits, labels=labels, temperature=TEMPERATURE, ce_weight=0.5)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    # Calibrate the student's step time (plain), which sets the latency teacher's delay.
+    for _ in range(5):
+        step(*next(data), None)
+    t0 = time.perf_counter()
+    for _ in range(15):
+        step(*next(data), None)
+    step_ms = (time.perf_counter() - t0) / 15 * 1000
+    delay_ms = opts.delay_ms if opts.delay_ms is not None else round(opts.teacher_factor * step_ms, 1)
+
+    if opts.teacher == "latency":
+        features = 3 * 32 * 32
+        spec, serve_args = "teacher_server.zoo:latency", _common.latency_args(delay_ms, features, opts.batch_size)
+        local_model = zoo.latency(delay_ms=delay_ms, features=features)
+        send = lambda batch: batch[0].reshape(len(batch[0]), -1)  # noqa: E731  (B, 3072): the latency model's input
+    else:
+        spec = "teacher_server.zoo:resnet18_cifar"
+        serve_args = ["--model-kwargs", json.dumps({"width": opts.cnn_width}), "--max-batch-size",
+                      str(opts.batch_size), "--max-queue-delay-ms", "0"]
+        local_model = zoo.resnet18_cifar(width=opts.cnn_width).eval()
+        send = lambda batch: batch[0]  # noqa: E731
+    config = {"bench": "pipeline", "teacher": opts.teacher, "teachers": opts.teachers, "batch_size": opts.batch_size,
+              "student_width": opts.student_width, "student_step_ms": round(step_ms, 2),
+              "teacher_delay_ms": delay_ms if opts.teacher == "latency" else None,
+              "cnn_width": opts.cnn_width if opts.teacher == "cnn" else None, **_common.machine()}
+    emit({"config": config})
+
+    regular = InProcessTeacher(lambda x: local_model(send((x,))), outputs=["logits"])
+    window = opts.window or 2 * opts.teachers + 2
+    rates: dict[str, list[float]] = {"plain": [], "regular": [], "service": []}
+    with _common.teachers(opts.teachers, spec, *serve_args) as procs, \
+            DistillReader(data, teachers=[t.address for t in procs], window=window, teacher_input=send,
+                          timeout_s=60.0) as reader:
+        service_it = iter(reader)
+
+        def run(mode: str) -> None:
+            for _ in range(opts.steps):
+                if mode == "plain":
+                    images, labels = next(data)
+                    step(images, labels, None)
+                elif mode == "regular":
+                    images, labels = next(data)
+                    step(images, labels, regular.submit({"input": images}, batch_id=None).result()["logits"])
+                else:
+                    (images, labels), teacher = next(service_it)
+                    step(images, labels, teacher["logits"])
+
+        for mode in rates:  # warm-up: every mode once, every teacher connected
+            run(mode)
+        modes = list(rates)
+        for r in range(opts.rounds):
+            for mode in modes[r % 3:] + modes[:r % 3]:
+                t0 = time.perf_counter()
+                run(mode)
+                dt = time.perf_counter() - t0
+                rates[mode].append(opts.steps / dt)
+                emit({"round": r, "mode": mode, "steps": opts.steps, "steps_per_s": round(opts.steps / dt, 3),
+                      "ms_per_step": round(dt / opts.steps * 1000, 2)})
+        reader_stats = reader.stats()
+    a, b, c = (median(rates[m]) for m in ("plain", "regular", "service"))
+    emit({"summary": True, **config, "rounds": opts.rounds, "steps_per_round": opts.steps, "window": window,
+          "plain_steps_per_s": round(a, 3), "regular_steps_per_s": round(b, 3), "service_steps_per_s": round(c, 3),
+          "ratio_vs_plain": round(c / a, 4), "ratio_vs_regular": round(c / b, 4),
+          "reader_wait_s": round(reader_stats.wait_s, 3),
+          "targets": {"ratio_vs_plain": 0.95, "ratio_vs_regular": 2.5}})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
