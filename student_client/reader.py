@@ -32,7 +32,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from .config import PoolConfig
-from .errors import ConfigError
+from .errors import ConfigError, NoTeacherAvailableError
 from .inputs import make_input_fn
 from .outputs import OutputSpec, TeacherValue, normalize_outputs
 from .sources import KnowledgeSource
@@ -130,6 +130,7 @@ class DistillReader:
                 raise ConfigError(f"invalid device {device!r}: {exc}") from exc
             self._pin = should_pin(self._device)
         self._watcher = None
+        self._registry_where: tuple[str, str] | None = None  # (url, service) for error messages
         self._owns_source = source is None
         self._closed = False
         self._epoch_ref: Callable[[], Any] | None = None
@@ -191,6 +192,7 @@ class DistillReader:
             kwargs = {} if registry_poll_s is None else {"poll_s": registry_poll_s}
             try:
                 self._watcher = watcher_cls(registry, service, on_change=self._on_registry_change, **kwargs)
+                self._registry_where = (registry, service)
                 self._watcher.start()
             except BaseException:
                 pool.close()
@@ -269,6 +271,25 @@ class DistillReader:
         except Exception:  # a closed pool during shutdown, or a bad record: keep the watcher alive
             logger.warning("could not apply the registry's teacher set %s", endpoints, exc_info=True)
 
+    def _explain_no_teacher(self, exc: NoTeacherAvailableError) -> NoTeacherAvailableError:
+        """Add what the registry knows: the pool alone cannot tell a wrong URL or service name."""
+        if self._watcher is None or self._registry_where is None:
+            return exc
+        from registry import redact_url
+
+        url, service = self._registry_where
+        cause = getattr(self._watcher, "last_error", None)
+        if cause is not None:
+            extra = (f"The teacher registry {redact_url(url)} is unreachable, so no teacher could be discovered: "
+                     f"{str(cause).rstrip('.')}. Check the registry URL and that Redis is running.")
+        elif not exc.endpoints:
+            extra = (f"The registry {redact_url(url)} lists no live teacher for service {service!r}; check the "
+                     "service name (`edistill registry ls` lists them) and that teachers were started with "
+                     f"--registry and --service {service}.")
+        else:
+            return exc
+        return NoTeacherAvailableError(f"{exc} {extra}", endpoints=exc.endpoints, wait_timeout_s=exc.wait_timeout_s)
+
     def _close_epoch(self) -> None:
         gen = self._epoch_ref() if self._epoch_ref is not None else None
         self._epoch_ref = None
@@ -305,14 +326,20 @@ class DistillReader:
                 if not pending:
                     return
                 batch, fut, inputs = pending.popleft()
-                if fut.done():
-                    out = fut.result()
-                else:
-                    t0 = time.perf_counter()
-                    try:
-                        out = fut.result()  # the source guarantees it resolves (wait_timeout_s)
-                    finally:
-                        self._wait_s += time.perf_counter() - t0
+                try:
+                    if fut.done():
+                        out = fut.result()
+                    else:
+                        t0 = time.perf_counter()
+                        try:
+                            out = fut.result()  # the source guarantees it resolves (wait_timeout_s)
+                        finally:
+                            self._wait_s += time.perf_counter() - t0
+                except NoTeacherAvailableError as exc:
+                    explained = self._explain_no_teacher(exc)
+                    if explained is exc:
+                        raise
+                    raise explained from exc
                 if self._device is not None:
                     out = move_outputs(out, self._device, pin=self._pin)
                 self._batches += 1
