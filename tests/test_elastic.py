@@ -39,7 +39,7 @@ from protos.edistill.v1 import teacher_pb2 as pb
 from protos.edistill.v1 import teacher_pb2_grpc as pb_grpc
 from registry import EmbeddedRedis, TeacherRecord, connect, encode_record, fetch_service, keys
 from registry.connection import server_time_ms
-from student_client import DistillReader, PoolConfig
+from student_client import DistillReader, NoTeacherAvailableError, PoolConfig
 from tests.helpers.redis_proc import pid_alive, wait_until
 from tests.helpers.teacher_proc import TeacherProcess
 
@@ -414,3 +414,27 @@ def test_malformed_records_are_skipped_and_an_unreachable_endpoint_costs_only_a_
     skipped = [r.getMessage() for r in caplog.records if "skipping teacher" in r.getMessage()]
     for teacher_id in ("garbage", "wrongschema", "notadict"):
         assert any(repr(teacher_id) in m for m in skipped), f"no warning for the {teacher_id} record: {skipped}"
+
+
+# ------------------------------------------------- "no teacher" explained
+
+
+def test_unreachable_registry_is_named_in_the_no_teacher_error():
+    with EmbeddedRedis(password="s3cret-pw") as server:
+        url = server.url
+    # The server is gone: a wrong port, or Redis not running. The reader keeps trying
+    # and, after wait_timeout_s, says why no teacher could be found.
+    with DistillReader(loader(16), registry=url, service=SERVICE, wait_timeout_s=1.5) as reader:
+        with pytest.raises(NoTeacherAvailableError) as info:
+            list(reader)
+    message = str(info.value)
+    assert "registry" in message and "unreachable" in message and f"127.0.0.1:{server.port}" in message
+    assert "s3cret-pw" not in message
+
+
+def test_a_service_without_teachers_is_named_in_the_no_teacher_error(redis_server):
+    with DistillReader(loader(16), registry=redis_server.url, service="no-such-service",
+                       wait_timeout_s=1.5) as reader:
+        with pytest.raises(NoTeacherAvailableError) as info:
+            list(reader)
+    assert "lists no live teacher for service 'no-such-service'" in str(info.value)
