@@ -11,8 +11,9 @@ Timing: most tests use a short heartbeat (0.5 s, TTL 1.5 s) to stay fast; the
 join and SIGTERM tests run on the defaults (1 s / 3 s). Registry expiry is
 checked on the Redis server's own clock (member scores are expiry times in server
 milliseconds), not on this machine's wall clock, so a loaded CI box cannot make
-it flaky. Cost: about 45 s on 2 cores (the Redis outage test alone holds Redis
-down for 10 s; each teacher process takes ~2.5 s to start, started in parallel).
+it flaky. Cost: about 50 s on an idle 2-core box, up to ~90 s when it is shared
+(the Redis outage test alone holds Redis down for 10 s; a teacher process takes
+~2.5 s to start, and 3 started in parallel ~4 s idle, up to ~17 s when loaded).
 """
 
 from __future__ import annotations
@@ -219,7 +220,8 @@ def test_teacher_started_mid_epoch_gets_requests_within_two_heartbeats(redis_ser
         assert delay_s <= 2 * DEFAULT_HEARTBEAT_S, f"first request {delay_s:.2f} s after the ready line"
         assert seen == list(range(len(seen)))
     finally:
-        starter.join(60) if started.is_set() else None
+        if started.is_set():
+            starter.join(60)
         newcomer.close()
         first.close()
 
