@@ -11,6 +11,10 @@ States::
   number of consecutive failed probes).
 * HALF_OPEN: exactly one request (the probe) may be in flight; its outcome
   closes or re-opens the breaker.
+* UNVERIFIED: a new teacher that has not yet answered its health check
+  (:mod:`.probe`): no requests at all. A passed check closes the breaker; a
+  failed one schedules the next health check after the backoff
+  (``open_until``), without ever sending it a batch.
 
 Failures of requests that were already in flight when the breaker opened do
 not lengthen the backoff: one teacher dying with 4 requests in flight is one
@@ -29,14 +33,15 @@ __all__ = ["CircuitBreaker"]
 CLOSED = "closed"
 OPEN = "open"
 HALF_OPEN = "half_open"
+UNVERIFIED = "unverified"
 
 
 class CircuitBreaker:
     """Decides whether a teacher may take a request now."""
 
-    def __init__(self, backoff: ExponentialBackoff) -> None:
+    def __init__(self, backoff: ExponentialBackoff, *, verified: bool = True) -> None:
         self._backoff = backoff
-        self.state = CLOSED
+        self.state = CLOSED if verified else UNVERIFIED
         self.failures = 0  # consecutive failures (first failure + failed probes)
         self.open_until = 0.0  # monotonic seconds; meaningful when OPEN
         self.probe_in_flight = False
@@ -47,6 +52,8 @@ class CircuitBreaker:
             return True
         if self.state == OPEN:
             return now >= self.open_until
+        if self.state == UNVERIFIED:
+            return False
         return not self.probe_in_flight
 
     def on_send(self, now: float) -> bool:
@@ -73,6 +80,21 @@ class CircuitBreaker:
             self.probe_in_flight = False
         # OPEN, or a non-probe straggler in HALF_OPEN: already accounted for
 
+    def on_health_ok(self) -> None:
+        """The teacher answered its health check with SERVING: it may take requests."""
+        if self.state == UNVERIFIED:
+            self.state = CLOSED
+            self.failures = 0
+
+    def on_health_failed(self, now: float) -> None:
+        """The health check failed: check again after the backoff (``open_until``)."""
+        self.failures += 1
+        self.open_until = now + self._backoff.delay_s(self.failures)
+
+    def health_check_due(self, now: float) -> bool:
+        """Whether an unverified teacher's next health check is due."""
+        return self.state == UNVERIFIED and now >= self.open_until
+
     def on_abandon(self, *, probe: bool) -> None:
         """A request was withdrawn before it had an outcome (cancelled, teacher removed)."""
         if probe:
@@ -83,4 +105,10 @@ class CircuitBreaker:
         if self.state == OPEN:
             left = self.open_until - now
             return f"open for {left:.1f} s more" if left > 0 else "open (probe due)"
+        if self.state == UNVERIFIED:
+            if self.failures == 0:
+                return "probing (health check)"
+            left = self.open_until - now
+            return (f"unverified, health check failed {self.failures}x, next in {left:.1f} s" if left > 0
+                    else f"unverified, health check failed {self.failures}x, probing again")
         return "half-open" if self.state == HALF_OPEN else "closed"

@@ -53,6 +53,16 @@ class PoolConfig:
         reconnect_backoff_max_s: cap on gRPC's own reconnect backoff, so a
             teacher restarted at the same address is reconnected within ~2 s
             (gRPC's default cap is 120 s).
+        probe_timeout_s: deadline of the health check every new teacher
+            (from a registry or from ``teachers=[...]``) must pass, answering
+            SERVING over its real channel (TLS and token included), before it
+            gets any batch (:mod:`.probe`). 2 s covers a TLS handshake across a
+            datacenter; an endpoint that never answers (a blackholed address,
+            a port that is not a teacher) costs at most this long per probe,
+            and failed probes are repeated after ``backoff``. The first probe
+            starts at once, so a healthy teacher is used after one round trip.
+            None turns the check off (teachers are used as soon as they are
+            added), e.g. for a custom transport without a health service.
     """
 
     timeout_s: float = 30.0
@@ -65,6 +75,7 @@ class PoolConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     keepalive_time_s: float | None = None
     reconnect_backoff_max_s: float = 2.0
+    probe_timeout_s: float | None = 2.0
 
     def __post_init__(self) -> None:
         _positive("timeout_s", self.timeout_s)
@@ -79,6 +90,8 @@ class PoolConfig:
         if self.keepalive_time_s is not None:
             _positive("keepalive_time_s", self.keepalive_time_s)
         _positive("reconnect_backoff_max_s", self.reconnect_backoff_max_s)
+        if self.probe_timeout_s is not None:
+            _positive("probe_timeout_s", self.probe_timeout_s)
         if not isinstance(self.backoff, ExponentialBackoff):
             raise ConfigError(f"backoff must be an ExponentialBackoff, got {type(self.backoff).__name__}")
 
