@@ -8,6 +8,15 @@ failing teacher is taken out of rotation by its circuit breaker
 batches are re-sent to another teacher. Endpoints can be added and removed
 live with :meth:`TeacherPool.set_endpoints`.
 
+Trust before use (:mod:`.probe`): every new teacher, whether from
+``teachers=[...]`` or a registry, starts *unverified* and gets no batch until
+a ``grpc.health.v1`` Check on its own channel (same TLS and token as the real
+calls) answers SERVING within ``PoolConfig.probe_timeout_s``. The first probe
+starts at once; a failed one is repeated after the breaker's jittered
+backoff by the dispatcher thread. Once verified, a teacher that later fails
+is handled by its circuit breaker as before (a half-open request is the
+probe); a removed and re-added endpoint is checked again.
+
 Which gRPC codes are retried (decided here, see ``_classify``):
 
 * Teacher trouble, re-sent elsewhere and counted against the teacher's
@@ -76,6 +85,7 @@ from .errors import (
     TeacherResponseError,
 )
 from .outputs import OutputSpec, TeacherValue, decode_response, normalize_outputs, output_requests
+from .probe import HealthFactory, default_health_factory, probe_outcome, probe_request
 from .sources import KnowledgeSource
 from .stats import PoolStats, TeacherStats, percentile
 from .wire import serialize_request
@@ -192,11 +202,15 @@ class _Attempt:
 class _Teacher:
     """One endpoint: its channel, breaker, load and counters."""
 
-    def __init__(self, endpoint: str, channel, stub, config: PoolConfig) -> None:
+    def __init__(self, endpoint: str, channel, stub, config: PoolConfig, health=None) -> None:
         self.endpoint = endpoint
         self.channel = channel
         self.predict = stub.Predict
-        self.breaker = CircuitBreaker(config.backoff)
+        # With a health stub the teacher starts UNVERIFIED: no batch before a SERVING health check.
+        self.health = health
+        self.breaker = CircuitBreaker(config.backoff, verified=health is None)
+        self.probing = False  # a health check is in flight (set under the pool lock)
+        self.probe_reason: str | None = None  # why the last health check failed
         self.latency = LatencyEwma(config.latency_ewma_alpha)
         self.samples: collections.deque[float] = collections.deque(maxlen=config.latency_samples)
         self.outstanding = 0
@@ -228,6 +242,18 @@ class _Teacher:
         )
 
 
+class _BrokenHealth:
+    """Stands in for a health stub that could not be built: every Check fails, saying why."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.Check = self
+        self._exc = exc
+
+    def future(self, request, timeout=None):
+        raise RuntimeError(f"cannot health-check this channel ({self._exc}); pass health_factory= or "
+                           "PoolConfig(probe_timeout_s=None)") from self._exc
+
+
 @dataclass
 class _Work:
     """Side effects decided under the lock, carried out after releasing it."""
@@ -255,6 +281,9 @@ class TeacherPool(KnowledgeSource):
             channel builder.
         stub_factory: ``channel -> stub`` with ``stub.Predict.future``; default
             the generated ``TeacherStub``.
+        health_factory: ``channel -> stub`` with ``stub.Check.future`` (the
+            grpc.health.v1 probe, see :mod:`.probe`); default the generated
+            ``HealthStub``. Unused when ``config.probe_timeout_s`` is None.
         credentials: token and TLS for the default channel factory
             (:class:`~student_client.credentials.TeacherCredentials`); None
             reads ``EDISTILL_AUTH_TOKEN``/``EDISTILL_TLS_*`` from the environment.
@@ -265,7 +294,8 @@ class TeacherPool(KnowledgeSource):
 
     def __init__(self, endpoints: Iterable[str] = (), outputs: Sequence[str | OutputSpec] | str = ("logits",),
                  *, config: PoolConfig | None = None, channel_factory: ChannelFactory | None = None,
-                 stub_factory: StubFactory | None = None, credentials=None) -> None:
+                 stub_factory: StubFactory | None = None, credentials=None,
+                 health_factory: HealthFactory | None = None) -> None:
         self._config = config if config is not None else PoolConfig()
         if not isinstance(self._config, PoolConfig):
             raise ConfigError(f"config must be a PoolConfig, got {type(self._config).__name__}")
@@ -281,6 +311,8 @@ class TeacherPool(KnowledgeSource):
             raise ConfigError("pass credentials= or channel_factory=, not both")
         self._channel_factory = channel_factory
         self._stub_factory = stub_factory or _default_stub_factory
+        self._health_factory = health_factory or default_health_factory
+        self._probe_request = probe_request() if self._config.probe_timeout_s is not None else None
         self._channel_options = self._config.channel_options()
         self._id = uuid.uuid4().hex[:8]  # distinguishes request ids of pools in one job
         self._seq = itertools.count(1)  # next() is atomic under the GIL
@@ -359,10 +391,11 @@ class TeacherPool(KnowledgeSource):
     def set_endpoints(self, endpoints: Iterable[str]) -> None:
         """Make the pool's teachers exactly ``endpoints``.
 
-        New endpoints get a channel and are used at once; removed ones stop
-        getting requests, the batches they hold are re-sent elsewhere, and
-        their late answers are dropped. Safe to call from any thread (e.g. a
-        registry watcher's callback).
+        New endpoints get a channel and a health check (started at once, in
+        the background: this call never waits for it) and are used as soon as
+        it answers SERVING; removed ones stop getting requests, the batches
+        they hold are re-sent elsewhere, and their late answers are dropped.
+        Safe to call from any thread (e.g. a registry watcher's callback).
         """
         if isinstance(endpoints, str):
             endpoints = [endpoints]
@@ -373,6 +406,7 @@ class TeacherPool(KnowledgeSource):
             if e.strip() not in wanted:
                 wanted.append(e.strip())
         work = _Work.new()
+        probes: list[_Teacher] = []
         with self._lock:
             if self._closed:
                 raise SourceClosedError("TeacherPool is closed")
@@ -390,12 +424,17 @@ class TeacherPool(KnowledgeSource):
             for endpoint in wanted:
                 if endpoint not in self._teachers:
                     channel = self._channel_factory(endpoint, self._channel_options)
-                    self._teachers[endpoint] = _Teacher(endpoint, channel, self._stub_factory(channel),
-                                                        self._config)
-                    logger.info("teacher %s added", endpoint)
+                    health = self._make_health(channel) if self._probe_request is not None else None
+                    t = _Teacher(endpoint, channel, self._stub_factory(channel), self._config, health)
+                    self._teachers[endpoint] = t
+                    if health is not None:
+                        t.probing = True
+                        probes.append(t)
+                    logger.info("teacher %s added%s", endpoint, "" if health is None else ", health check started")
             self._assign_locked(now, work)
             self._kick_locked()
         self._do(work)
+        self._start_probes(probes)
 
     def stats(self) -> PoolStats:
         """A snapshot of the pool's and every teacher's counters."""
@@ -679,6 +718,63 @@ class TeacherPool(KnowledgeSource):
                 self._assign_locked(time.monotonic(), work)
         self._do(work)
 
+    # ---------------------------------------------------------- health probes
+
+    def _make_health(self, channel):
+        try:
+            return self._health_factory(channel)
+        except Exception as exc:  # e.g. a custom channel without unary_unary: every probe fails, clearly
+            return _BrokenHealth(exc)
+
+    def _due_probes_locked(self, now: float) -> list[_Teacher]:
+        """Unverified teachers whose next health check is due (marked as probing)."""
+        due = []
+        for t in self._teachers.values():
+            if not t.probing and t.health is not None and t.breaker.health_check_due(now):
+                t.probing = True
+                due.append(t)
+        return due
+
+    def _start_probes(self, teachers: list[_Teacher]) -> None:
+        """Send a health check to each teacher; never called with the lock held."""
+        for t in teachers:
+            try:
+                call = t.health.Check.future(self._probe_request, timeout=self._config.probe_timeout_s)
+            except Exception as exc:  # e.g. the channel was closed by a concurrent removal
+                self._on_probe_done(t, None, exc)
+                continue
+            call.add_done_callback(partial(self._on_probe_done, t))
+
+    def _on_probe_done(self, t: _Teacher, call, exc: BaseException | None = None) -> None:
+        """gRPC callback thread: a health check finished; verify the teacher or back off."""
+        if call is not None:
+            try:
+                ok, reason = probe_outcome(call)
+            except Exception as e:  # a response we cannot read is a failed check
+                ok, reason = False, f"unreadable health answer: {e}"
+        else:
+            ok, reason = False, f"{type(exc).__name__}: {exc}"
+        now = time.monotonic()
+        work = _Work.new()
+        with self._lock:
+            t.probing = False
+            if self._closed or not t.live:
+                return
+            if ok:
+                t.breaker.on_health_ok()
+                t.probe_reason = None
+                logger.info("teacher %s passed its health check; sending it batches", t.endpoint)
+                self._assign_locked(now, work)
+            else:
+                t.breaker.on_health_failed(now)
+                t.last_error, t.last_error_at = f"health check failed ({reason})", now
+                # One warning per distinct reason: a dead registry entry must not flood the log.
+                log = logger.debug if reason == t.probe_reason else logger.warning
+                log("teacher %s failed its health check (%s); it gets no batches, checking again in %.1f s",
+                    t.endpoint, reason, max(0.0, t.breaker.open_until - now))
+                t.probe_reason = reason
+        self._do(work)
+
     # ------------------------------------------------------------ dispatcher
 
     def _dispatch_loop(self) -> None:
@@ -696,7 +792,9 @@ class TeacherPool(KnowledgeSource):
                 now = time.monotonic()
                 self._assign_locked(now, work)
                 self._expire_locked(now, work)
+                probes = self._due_probes_locked(now)
             try:
                 self._do(work)
+                self._start_probes(probes)
             except Exception:  # keep the watchdog alive whatever a callback did
                 logger.exception("teacher pool dispatcher step failed")

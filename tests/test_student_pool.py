@@ -125,11 +125,18 @@ def echo_response(request: pb.PredictRequest, *, classes: int = 4) -> pb.Predict
 
 
 class FakeNet:
-    """Fake teachers by endpoint. ``mode[endpoint]``: 'hold' (test completes), 'ok', or a StatusCode."""
+    """Fake teachers by endpoint. ``mode[endpoint]``: 'hold' (test completes), 'ok', or a StatusCode.
+
+    ``health[endpoint]`` answers the pool's health probe: "SERVING" (default),
+    "NOT_SERVING", "hold" (never answers; the test completes ``health_calls``)
+    or a StatusCode.
+    """
 
     def __init__(self, default: object = "hold") -> None:
         self.default = default
         self.mode: dict[str, object] = {}
+        self.health: dict[str, object] = {}
+        self.health_calls: list[FakeCall] = []
         self.calls: list[FakeCall] = []
         self.channels: dict[str, "FakeChannel"] = {}
         self.cancellable = True
@@ -143,6 +150,10 @@ class FakeNet:
     @staticmethod
     def stub_factory(channel):
         return channel
+
+    @staticmethod
+    def health_factory(channel):
+        return FakeHealth(channel)
 
     def calls_to(self, endpoint: str) -> list[FakeCall]:
         with self._lock:
@@ -179,6 +190,31 @@ class FakeChannel:
             c.cancel()
 
 
+class FakeHealth:
+    """``Check.future(request, timeout)`` answering per ``net.health[endpoint]``."""
+
+    def __init__(self, channel: "FakeChannel") -> None:
+        self.channel = channel
+        self.Check = self
+
+    def future(self, request, timeout=None):
+        from grpc_health.v1 import health_pb2
+
+        ch, net = self.channel, self.channel.net
+        if ch.closed:
+            raise ValueError("Cannot invoke RPC on closed channel!")
+        call = FakeCall(ch.endpoint, request, timeout)
+        with net._lock:
+            net.health_calls.append(call)
+        mode = net.health.get(ch.endpoint, "SERVING")
+        if mode in ("SERVING", "NOT_SERVING"):
+            call._complete("done", health_pb2.HealthCheckResponse(
+                status=health_pb2.HealthCheckResponse.ServingStatus.Value(mode)))
+        elif isinstance(mode, grpc.StatusCode):
+            call.fail(mode, f"fake {mode.name}")
+        return call
+
+
 def wait_for(cond, timeout_s: float = 5.0, what: str = "condition"):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -198,7 +234,7 @@ def batch(ids) -> dict[str, torch.Tensor]:
 def make_pool(net: FakeNet, endpoints=("a:1", "b:2"), outputs=("logits",), **cfg) -> TeacherPool:
     cfg.setdefault("backoff", ExponentialBackoff(base_s=0.05, cap_s=0.2, jitter=0.0))
     return TeacherPool(endpoints, outputs, config=PoolConfig(**cfg), channel_factory=net.channel_factory,
-                       stub_factory=net.stub_factory)
+                       stub_factory=net.stub_factory, health_factory=net.health_factory)
 
 
 @pytest.fixture
