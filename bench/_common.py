@@ -29,15 +29,46 @@ def emit(obj: dict) -> None:
     print(json.dumps(obj), flush=True)
 
 
-def reexec_with_malloc_env() -> None:
-    """Re-exec this script with the teacher server's glibc malloc settings.
+#: OpenMP waiting for every process of a benchmark (this one and its teachers).
+#: libgomp's default spins up to 300k iterations at every barrier, but only
+#: while a process has no more OpenMP threads than CPUs: a teacher server
+#: (warm-up team + forward-thread team = 4 threads > 2 CPUs) is throttled to
+#: passive waiting by itself, an in-process baseline is not. On the shared
+#: 2-core box, spinning threads burn the time slice their partner needs, and
+#: the in-process baseline ran up to 2.8x slower than the same forward pass
+#: served (teacher_overhead ratio ~2 "in favour" of serving). PASSIVE for
+#: everyone makes the comparison fair and stable; pass --omp-wait-policy ""
+#: to keep libgomp's default.
+OMP_WAIT_POLICY = "PASSIVE"
 
-    glibc reads them at process start; the server applies the same ones with
-    mallopt (teacher_server/_malloc.py), so in-process baselines and student
-    loops run under the allocator settings the teachers use.
+
+def bench_env(omp_wait_policy: str = OMP_WAIT_POLICY) -> dict[str, str]:
+    """Environment every benchmark process runs under (see MALLOC_ENV, OMP_WAIT_POLICY)."""
+    env = dict(MALLOC_ENV)
+    if omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = omp_wait_policy
+    return env
+
+
+def reexec_with_env(omp_wait_policy: str = OMP_WAIT_POLICY) -> None:
+    """Re-exec this script under :func:`bench_env` (children inherit it).
+
+    glibc and libgomp read these at process start; the server applies the
+    same malloc settings with mallopt (teacher_server/_malloc.py), so
+    in-process baselines and student loops run under the settings the
+    teachers use.
     """
-    if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+    env = bench_env(omp_wait_policy)
+    if not omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "")
+    if any(os.environ.get(k, "") != v for k, v in env.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
+
+
+def add_env_args(parser) -> None:
+    """``--omp-wait-policy`` (shared by all benchmarks)."""
+    parser.add_argument("--omp-wait-policy", default=OMP_WAIT_POLICY,
+                        help='OMP_WAIT_POLICY for every process of the run ("" = libgomp default)')
 
 
 def machine() -> dict:
@@ -51,7 +82,9 @@ def machine() -> dict:
     import torch
 
     return {"cpus": os.cpu_count(), "cpu_model": model, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+            "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV}}
 
 
 @contextlib.contextmanager

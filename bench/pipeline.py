@@ -77,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=30, help="training steps per mode per round")
     p.add_argument("--window", type=int, default=None, help="reader window (default 2 x teachers + 2)")
+    _common.add_env_args(p)
     opts = p.parse_args(argv)
-    _common.reexec_with_malloc_env()
+    _common.reexec_with_env(opts.omp_wait_policy)
 
     net = student(opts.student_width)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)

@@ -60,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batches-per-teacher", type=int, default=8, help="timed batches per teacher per measurement")
     p.add_argument("--in-flight", type=int, default=2, help="reader window per teacher")
+    _common.add_env_args(p)
     opts = p.parse_args(argv)
-    _common.reexec_with_malloc_env()
+    _common.reexec_with_env(opts.omp_wait_policy)
     counts = sorted({int(n) for n in opts.teachers.split(",")})
     config = {"bench": "scale", "teachers": counts, "delay_ms": opts.delay_ms, "batch_size": opts.batch_size,
               "features": opts.features, "request_bytes": opts.batch_size * opts.features * 4,
