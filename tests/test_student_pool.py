@@ -575,3 +575,73 @@ def test_fast_serialization_is_byte_identical_to_the_codec(inputs):
     ref.outputs.extend(outs)
     assert pb.PredictRequest.FromString(fast) == ref
     assert size == sum(len(t.data) for t in ref.inputs)
+
+
+# ------------------------------------------------------------ health probes (registry trust)
+
+
+def test_unverified_teacher_gets_no_batch_until_its_health_check_answers_serving(net):
+    net.default = "ok"
+    net.health["b:2"] = "NOT_SERVING"
+    pool = make_pool(net, endpoints=["a:1", "b:2"])
+    try:
+        results = [pool.submit(batch([i]), batch_id=i) for i in range(12)]
+        for f in results:
+            f.result(timeout=5)
+        assert net.calls_to("b:2") == [] and len(net.calls_to("a:1")) == 12
+        st = pool.stats().teachers["b:2"]
+        assert st.state.startswith("unverified") and "NOT_SERVING" in st.last_error
+        # it is checked again (after the backoff) and used once it turns SERVING
+        net.health["b:2"] = "SERVING"
+        wait_for(lambda: pool.stats().teachers["b:2"].state == "closed", what="b:2 re-probed and verified")
+        assert len([c for c in net.health_calls if c.endpoint == "b:2"]) >= 2
+        more = [pool.submit(batch([i]), batch_id=i) for i in range(12, 40)]
+        for f in more:
+            f.result(timeout=5)
+        assert net.calls_to("b:2"), "a teacher that turned SERVING was never used"
+    finally:
+        pool.close()
+
+
+def test_health_check_is_sent_at_once_with_probe_timeout_and_failures_back_off(net):
+    net.default = "ok"
+    net.health["a:1"] = grpc.StatusCode.UNAVAILABLE
+    pool = make_pool(net, endpoints=["a:1"], probe_timeout_s=0.7, wait_timeout_s=0.5,
+                     backoff=ExponentialBackoff(base_s=0.05, cap_s=0.4, jitter=0.0))
+    try:
+        first = net.health_calls[0]  # sent by the constructor, not later by the dispatcher
+        assert first.timeout == 0.7 and first.request.service == "edistill.v1.Teacher"
+        with pytest.raises(NoTeacherAvailableError, match="health check failed"):
+            pool.submit(batch([0]), batch_id=0).result(timeout=5)
+        assert net.calls_to("a:1") == []
+        n = len(net.health_calls)
+        assert 2 <= n <= 12, f"{n} health checks in ~0.5 s with a 0.05..0.4 s backoff"
+    finally:
+        pool.close()
+
+
+def test_a_pending_health_check_blocks_neither_set_endpoints_nor_submit(net):
+    net.default = "ok"
+    net.health["slow:1"] = "hold"
+    pool = make_pool(net, endpoints=["a:1"])
+    try:
+        pool.set_endpoints(["a:1", "slow:1"])  # returns although slow:1 never answers its probe
+        assert pool.submit(batch([1]), batch_id=1).result(timeout=5)["logits"].shape == (1, 4)
+        assert net.calls_to("slow:1") == [] and pool.stats().teachers["slow:1"].state.startswith("probing")
+        probe = next(c for c in net.health_calls if c.endpoint == "slow:1")
+        probe.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+        assert "DEADLINE_EXCEEDED" in pool.stats().teachers["slow:1"].last_error
+    finally:
+        pool.close()
+
+
+def test_probe_timeout_none_uses_teachers_without_a_health_check(net):
+    net.default = "ok"
+    pool = make_pool(net, endpoints=["a:1"], probe_timeout_s=None)
+    try:
+        assert pool.submit(batch([1]), batch_id=1).result(timeout=5)
+        assert net.health_calls == []
+    finally:
+        pool.close()
+    with pytest.raises(ConfigError, match="probe_timeout_s"):
+        PoolConfig(probe_timeout_s=0)
