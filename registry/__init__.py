@@ -6,7 +6,7 @@ Errors: :mod:`registry.errors`. CLI: ``edistill registry ls|watch``
 (:mod:`registry.cli`).
 """
 
-from registry.connection import REGISTRY_URL_ENV, connect
+from registry.connection import REDIS_CA_ENV, REGISTRY_URL_ENV, connect
 from registry.discovery import ServiceView, fetch_service, list_services
 from registry.embedded import EmbeddedRedis, find_redis_server
 from registry.errors import (
@@ -34,6 +34,7 @@ __all__ = [
     "EmbeddedRedis",
     "EmbeddedRedisError",
     "MAX_RECORD_BYTES",
+    "REDIS_CA_ENV",
     "REGISTRY_URL_ENV",
     "RegistryAuthError",
     "RegistryConfigError",

@@ -3,7 +3,13 @@
 :func:`connect` understands every URL that redis-py's ``from_url`` does:
 ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TLS; options
 such as ``?ssl_cert_reqs=required&ssl_ca_certs=/path`` in the query string)
-and ``unix:///path/to.sock``. Clients never retry on their own: the
+and ``unix:///path/to.sock``. For ``rediss://`` the CA that signed the Redis
+server's certificate comes from the URL (``?ssl_ca_certs=/path/ca.pem``) or,
+when the URL names none, from ``$EDISTILL_REDIS_CA`` (:data:`REDIS_CA_ENV`),
+so one URL works on machines that keep the CA in different places; without
+either, the system's root CAs are trusted. The server certificate is always
+verified (redis-py's default ``ssl_cert_reqs=required`` and host name check).
+Clients never retry on their own: the
 registration and the watcher own the retry policy (they retry every
 heartbeat/poll), and redis-py's default exponential backoff would otherwise
 stall a heartbeat for seconds while Redis is down.
@@ -11,6 +17,9 @@ stall a heartbeat for seconds while Redis is down.
 
 from __future__ import annotations
 
+import os
+import ssl
+from urllib.parse import parse_qs, urlsplit
 
 import redis
 from redis import exceptions as redis_exc
@@ -28,6 +37,7 @@ from registry.urls import redact_url, scrub
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT_S",
     "DEFAULT_SOCKET_TIMEOUT_S",
+    "REDIS_CA_ENV",
     "REGISTRY_URL_ENV",
     "connect",
     "map_redis_error",
@@ -37,6 +47,8 @@ __all__ = [
 # A URL with a password on a command line is visible in `ps`; CLIs read the
 # registry URL from this environment variable when no --registry is given.
 REGISTRY_URL_ENV = "EDISTILL_REGISTRY"
+# PEM CA bundle for rediss:// URLs that carry no ?ssl_ca_certs= of their own.
+REDIS_CA_ENV = "EDISTILL_REDIS_CA"
 
 # Long enough for a busy Redis across a datacenter, short enough that a
 # heartbeat (1 s default) notices an outage within a couple of beats.
@@ -77,6 +89,7 @@ def connect(
         raise RegistryConfigError(f"a Redis URL is required (e.g. redis://HOST:6379/0 or ${REGISTRY_URL_ENV}), got {url!r}")
     if url == "local":
         raise RegistryConfigError(_LOCAL_HINT)
+    extra = _tls_options(url)
     try:
         return redis.Redis.from_url(
             url,
@@ -84,12 +97,33 @@ def connect(
             socket_connect_timeout=connect_timeout_s,
             health_check_interval=health_check_interval_s,
             retry=Retry(NoBackoff(), 0),
+            **extra,
         )
     except (ValueError, TypeError) as exc:
         raise RegistryConfigError(
             f"invalid Redis URL {redact_url(url)!r}: {scrub(str(exc), url)}; expected "
             "redis://[[user]:password@]host[:port][/db], rediss://... or unix:///path"
         ) from exc
+
+
+def _tls_options(url: str) -> dict:
+    """``ssl_ca_certs`` from ``$EDISTILL_REDIS_CA`` for a rediss:// URL without one; checks the CA file exists."""
+    if not url.startswith("rediss://"):
+        return {}
+    try:
+        query = parse_qs(urlsplit(url).query)
+    except ValueError:
+        return {}  # from_url reports the bad URL
+    given = query.get("ssl_ca_certs", [None])[0]
+    env = os.environ.get(REDIS_CA_ENV) or None
+    path, source = (given, "ssl_ca_certs in the registry URL") if given else (env, f"${REDIS_CA_ENV}")
+    if path is None:
+        return {}
+    if not os.path.isfile(path):
+        raise RegistryConfigError(
+            f"the Redis CA file {path!r} ({source}) is not a readable file; give the PEM file of the CA "
+            f"that signed the Redis server's certificate")
+    return {} if given else {"ssl_ca_certs": path}
 
 
 def map_redis_error(exc: BaseException, url: str, action: str) -> RegistryError:
@@ -107,6 +141,11 @@ def map_redis_error(exc: BaseException, url: str, action: str) -> RegistryError:
             f"Redis at {where} refused {action}: {detail}; check the user/password in the "
             "registry URL and the ACL permissions of that user"
         )
+    if isinstance(exc, ssl.SSLError) or "CERTIFICATE_VERIFY_FAILED" in detail or "SSL:" in detail:
+        return RegistryUnavailableError(
+            f"Redis at {where} failed while {action}: {detail}; the Redis server's TLS certificate was not "
+            f"accepted: give the CA that signed it (?ssl_ca_certs=/path/ca.pem in the URL or ${REDIS_CA_ENV}) "
+            "and make sure the certificate names the host in the URL")
     return RegistryUnavailableError(f"Redis at {where} failed while {action}: {detail}")
 
 
