@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future
 
 import pytest
@@ -51,7 +52,11 @@ def test_stats_after_a_teacher_is_killed_add_up_to_the_batches_delivered() -> No
         seen: list[int] = []
         cfg = PoolConfig(timeout_s=10.0, wait_timeout_s=20.0)
         with DistillReader(loader, teachers=[p.address for p in procs], window=8, pool_config=cfg) as reader:
-            assert reader.stats().live_teachers == 2
+            # Teachers count as live once they passed their first health check (a loopback round trip).
+            deadline = time.monotonic() + 10
+            while reader.stats().live_teachers != 2:
+                assert time.monotonic() < deadline, f"teachers never became live: {reader.stats().teachers}"
+                time.sleep(0.01)
             for n, ((x, _), out) in enumerate(reader, 1):
                 assert out["logits"][:, 0].tolist() == x[:, 0].tolist()
                 seen += x[:, 0].long().tolist()
