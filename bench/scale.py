@@ -6,12 +6,12 @@ it sleeps ``--delay-ms`` per batch (no CPU) and answers cheap logits. The
 reader sends (64, 3072) float32 batches: the bytes of a 64x3x32x32 float32
 image batch, flattened because the latency model takes (B, features).
 
-All teachers are started once; for every N a reader over the first N of them
-is kept open, and rounds visit the N values in rotating order, so machine
-noise hits every N alike. Each measurement first drains one window (so
-answers prefetched between rounds do not count), then takes another window
-plus ``--batches-per-teacher`` x N batches and computes the steady-state rate
-from the delivery times after that second window.
+All teachers are started once; rounds visit the N values in rotating order,
+so machine noise hits every N alike. Each measurement opens a reader over
+the first N teachers, fills the pipeline (two windows), then takes another
+window plus ``--batches-per-teacher`` x N batches and computes the
+steady-state rate from the delivery times after that window. Only one reader
+exists at a time, so the process CPU time is that reader's.
 
 Per measurement: one JSON line with throughput and the reader process's CPU
 time per request (``time.process_time`` of this process, which holds only the
@@ -74,19 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     cpu_us: dict[int, list[float]] = {n: [] for n in counts}
     with _common.teachers(max(counts), "teacher_server.zoo:latency", *serve_args) as procs:
         endpoints = [t.address for t in procs]
-        readers, iters = {}, {}
-        try:
-            for n in counts:
-                readers[n] = DistillReader(_batches(opts.batch_size, opts.features), teachers=endpoints[:n],
-                                           window=opts.in_flight * n, timeout_s=60.0)
-                iters[n] = iter(readers[n])
-                for _ in range(2 * opts.in_flight * n):  # connect every channel, warm every teacher
-                    next(iters[n])
-            for r in range(opts.rounds):
-                order = counts[r % len(counts):] + counts[:r % len(counts)]
-                for n in order:
-                    it = iters[n]
-                    for _ in range(opts.in_flight * n):  # drain what was prefetched between rounds
+        for r in range(opts.rounds):
+            order = counts[r % len(counts):] + counts[:r % len(counts)]
+            for n in order:
+                # One reader at a time, so this process's CPU time is this reader's alone
+                # (idle pools and channels of other N would add their background wakeups).
+                with DistillReader(_batches(opts.batch_size, opts.features), teachers=endpoints[:n],
+                                   window=opts.in_flight * n, timeout_s=60.0) as reader:
+                    it = iter(reader)
+                    for _ in range(2 * opts.in_flight * n):  # connect every channel, fill the pipeline
                         next(it)
                     k = opts.batches_per_teacher * n
                     skip = opts.in_flight * n
@@ -95,20 +91,17 @@ def main(argv: list[str] | None = None) -> int:
                         for _ in range(skip + k):
                             batch, out = next(it)
                             stamps.append(time.perf_counter())
-                    assert torch.equal(out["logits"][:, 0], batch[:, 0]), "answer does not match its batch"
-                    # Steady state: deliveries after the first window, whose requests
-                    # were partly served before the clock started.
-                    rate = (k - 1) / (stamps[-1] - stamps[skip])
-                    cpu = t.cpu_s / (skip + k) * 1e6
-                    tput[n].append(rate)
-                    cpu_us[n].append(cpu)
-                    emit({"round": r, "teachers": n, "batches": k, "wall_s": round(t.wall_s, 3),
-                          "batches_per_s": round(rate, 2),
-                          "ideal_batches_per_s": round(n * 1000.0 / opts.delay_ms, 2),
-                          "client_cpu_us_per_request": round(cpu, 1)})
-        finally:
-            for reader in readers.values():
-                reader.close()
+                assert torch.equal(out["logits"][:, 0], batch[:, 0]), "answer does not match its batch"
+                # Steady state: deliveries after the first window, whose requests
+                # were partly served before the clock started.
+                rate = (k - 1) / (stamps[-1] - stamps[skip])
+                cpu = t.cpu_s / (skip + k) * 1e6
+                tput[n].append(rate)
+                cpu_us[n].append(cpu)
+                emit({"round": r, "teachers": n, "batches": k, "wall_s": round(t.wall_s, 3),
+                      "batches_per_s": round(rate, 2),
+                      "ideal_batches_per_s": round(n * 1000.0 / opts.delay_ms, 2),
+                      "client_cpu_us_per_request": round(cpu, 1)})
 
     base = median(tput[counts[0]]) / counts[0]
     summary = {"summary": True, **config, "rounds": opts.rounds,
