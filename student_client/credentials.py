@@ -99,6 +99,7 @@ class TeacherCredentials:
 
     @property
     def has_token(self) -> bool:
+        """True if a token or token file is configured."""
         return self.auth_token is not None or self.auth_token_file is not None
 
     def channel_factory(self):

@@ -227,11 +227,13 @@ class KDLoss(nn.Module):
 
     def forward(self, student_logits: torch.Tensor, teacher: Union[torch.Tensor, TopK],
                 labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss for one batch; see :func:`kd_loss`."""
         return kd_loss(student_logits, teacher, temperature=self.temperature, labels=labels,
                        ce_weight=self.ce_weight, teacher_transform=self.teacher_transform,
                        reduction=self.reduction)
 
     def extra_repr(self) -> str:
+        """Settings shown in ``repr(module)``."""
         return (f"temperature={self.temperature}, ce_weight={self.ce_weight}, "
                 f"teacher_transform={self.teacher_transform!r}, reduction={self.reduction!r}")
 
@@ -241,6 +243,7 @@ class TopKKDLoss(KDLoss):
 
     def forward(self, student_logits: torch.Tensor, teacher: TopK,  # type: ignore[override]
                 labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss for one batch; see :func:`kd_loss_topk`."""
         if not isinstance(teacher, TopK):
             raise ConfigError("TopKKDLoss got a dense teacher output; request OutputSpec(top_k=k) or use KDLoss")
         return super().forward(student_logits, teacher, labels)

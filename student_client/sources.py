@@ -109,6 +109,7 @@ class InProcessTeacher(KnowledgeSource):
         return self._specs
 
     def submit(self, inputs: Mapping[str, "torch.Tensor"], *, batch_id: Any) -> "Future[dict[str, TeacherValue]]":
+        """Run the model on ``inputs`` now (in the caller's thread); return a done future."""
         import torch
 
         if self._closed:
@@ -134,7 +135,9 @@ class InProcessTeacher(KnowledgeSource):
         return fut
 
     def stats(self) -> dict[str, Any]:
+        """``{"batches": n}``: batches answered so far."""
         return {"batches": self._batches}
 
     def close(self) -> None:
+        """Refuse further batches (:class:`SourceClosedError`); nothing to release."""
         self._closed = True

@@ -86,6 +86,7 @@ class BatcherStats:
 
     @property
     def max_batch_size_seen(self) -> int:
+        """Largest forward-pass batch (samples) so far; 0 before the first batch."""
         return max(self.batch_sizes, default=0)
 
 

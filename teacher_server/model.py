@@ -118,10 +118,12 @@ class LoadedModel:
 
     @property
     def input_names(self) -> tuple[str, ...]:
+        """Input names in signature order (the model's positional arguments)."""
         return tuple(s.name for s in self.inputs)
 
     @property
     def output_names(self) -> tuple[str, ...]:
+        """Output names, as discovered by the warm-up pass."""
         return tuple(s.name for s in self.outputs)
 
     def _autocast(self) -> contextlib.AbstractContextManager:

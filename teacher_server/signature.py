@@ -92,6 +92,7 @@ class TensorSpec:
         return out
 
     def to_json(self) -> dict[str, Any]:
+        """JSON-able form, as embedded in saved model files."""
         return {"name": self.name, "dtype": self.dtype_name, "shape": list(self.shape)}
 
     @classmethod
