@@ -153,8 +153,9 @@ def decode_record(data: bytes | str) -> TeacherRecord:
     """Parse and validate a record written by :func:`encode_record`.
 
     Raises:
-        BadRecordError: oversized, not UTF-8 JSON, not an object, wrong schema
-            version, a missing required field, or a field of the wrong type.
+        BadRecordError: oversized, not UTF-8 JSON, nested too deeply, not an
+            object, wrong schema version, a missing required field, or a field
+            of the wrong type.
     """
     if len(data) > MAX_RECORD_BYTES:
         raise BadRecordError(f"record is {len(data)} bytes, over the {MAX_RECORD_BYTES}-byte limit")
@@ -162,6 +163,11 @@ def decode_record(data: bytes | str) -> TeacherRecord:
         obj = json.loads(data)
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadRecordError(f"record is not valid UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        # 4 KiB of "[" nests deeper than the json module's recursion limit;
+        # anyone who can write to Redis could otherwise crash `registry ls`
+        # and freeze every student's discovery.
+        raise BadRecordError("record is not a valid teacher record: JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise BadRecordError(f"record must be a JSON object, got {type(obj).__name__}")
     schema = obj.get("schema")

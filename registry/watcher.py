@@ -113,6 +113,7 @@ class TeacherWatcher:
         # Below: touched only by the watcher thread (and start() before it runs).
         self._delivered: dict[str, TeacherRecord] | None = None
         self._warned_bad: dict[str, str] = {}
+        self._refresh_failing = False  # an unexpected (non-Redis) read error was logged
         self._grace_until = 0.0
         self._grace_set: Snapshot = {}
         self._expiry_at: float | None = None  # monotonic time of the next member expiry
@@ -256,6 +257,21 @@ class TeacherWatcher:
             self._expiry_at = None  # unknown while Redis is away: poll_s paces the retries
             self._drop_pubsub()
             return
+        except Exception as exc:  # noqa: BLE001 - any bug below fetch_service
+            # Not a Redis error: a bug, or data in Redis that something below
+            # fetch_service did not expect. Raising would make start() fail and
+            # freeze discovery for good; keep the last known teachers instead,
+            # log once (with the traceback) and retry with the next poll.
+            if not self._refresh_failing:
+                logger.warning("%s: reading teachers failed unexpectedly (%s); keeping the last known "
+                               "teachers, retrying every %gs (logged once until a read succeeds)",
+                               self._who, type(exc).__name__, self._poll_s, exc_info=True)
+            else:
+                logger.debug("%s: reading teachers still fails: %r", self._who, exc)
+            self._refresh_failing = True
+            self._expiry_at = None
+            return
+        self._refresh_failing = False
         self._expiry_at = None if view.next_expiry_s is None else (
             time.monotonic() + max(0.0, view.next_expiry_s - view.server_time_s) + _EXPIRY_MARGIN_S)
         teachers = view.teachers

@@ -8,7 +8,7 @@ import io
 import pytest
 
 from registry import RegistryConfigError, RegistryUnavailableError, TeacherRecord, TeacherRegistration
-from registry import cli
+from registry import cli, connect, keys
 from tests.helpers.redis_proc import redis_server, redis_with_password, wait_until  # noqa: F401
 
 
@@ -99,3 +99,17 @@ def test_watch_redraws_the_table_and_shows_request_rates(fleet):
     # By the later frames every teacher has a req/s value instead of "-".
     last_rows = [line.split() for line in frames[-1].splitlines()[2:] if line.strip()]
     assert all(row[-2] != "-" for row in last_rows)
+
+
+def test_ls_skips_a_deeply_nested_record_with_a_warning(fleet, capsys):
+    url, _ = fleet
+    # Anyone who can write to Redis can plant this: it must not crash ls (RecursionError).
+    client = connect(url)
+    now_ms = int(client.time()[0]) * 1000
+    client.set(keys.record_key("imagenet-r101", "deep"), b"[" * 4096, px=60_000)
+    client.zadd(keys.members_key("imagenet-r101"), {"deep": now_ms + 60_000})
+    rc, out = run("ls", "--registry", url)
+    assert rc == 0
+    assert len(out.strip().splitlines()) == 4  # header + the three good teachers
+    err = capsys.readouterr().err
+    assert "skipped malformed record 'deep' in 'imagenet-r101'" in err and "nested too deeply" in err

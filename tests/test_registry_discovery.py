@@ -269,3 +269,72 @@ def test_watcher_start_rejects_wrong_credentials(redis_with_password, caplog):
         TeacherWatcher(wrong, SERVICE).start()
     assert "wrong-pw-456" not in str(info.value) and "wrong-pw-456" not in caplog.text
     assert "polling" not in caplog.text  # bad credentials are not "no pub/sub permission"
+
+
+def _plant(client, teacher_id: str, blob: bytes) -> None:
+    """Write a raw record and its member entry, as anyone with write access to Redis could."""
+    now_ms = int(client.time()[0]) * 1000
+    client.set(keys.record_key(SERVICE, teacher_id), blob, px=60_000)
+    client.zadd(keys.members_key(SERVICE), {teacher_id: now_ms + 60_000})
+
+
+def test_a_deeply_nested_record_is_skipped_and_discovery_goes_on(redis_server, caplog):
+    client = connect(redis_server.url)
+    good = register(redis_server.url)
+    _plant(client, "deep", b"[" * MAX_RECORD_BYTES)  # RecursionError in json.loads
+    assert set(fetch_service(client, SERVICE).bad) == {"deep"}
+    recorder = Recorder()
+    with TeacherWatcher(redis_server.url, SERVICE, on_change=recorder, poll_s=0.05):  # start() must not raise
+        wait_until(lambda: recorder.endpoints() == {"127.0.0.1:50051"}, what="the good teacher")
+        later = register(redis_server.url, 50052)  # discovery is not frozen
+        wait_until(lambda: recorder.endpoints() == {"127.0.0.1:50051", "127.0.0.1:50052"}, what="a later join")
+        later.close()
+    assert any("skipping teacher 'deep'" in r.getMessage() and "nested too deeply" in r.getMessage()
+               for r in caplog.records if r.levelno == logging.WARNING)
+    good.close()
+
+
+def test_an_unexpected_read_error_keeps_the_last_teachers_and_is_logged_once(redis_server, caplog, monkeypatch):
+    import registry.watcher as watcher_module
+
+    real_fetch = watcher_module.fetch_service
+    state = {"broken": True, "failed_calls": 0}
+    lock = threading.Lock()
+
+    def flaky_fetch(client, service, **kwargs):
+        with lock:
+            if state["broken"]:
+                state["failed_calls"] += 1
+                raise TypeError("a bug below fetch_service")
+        return real_fetch(client, service, **kwargs)
+
+    def failed_calls() -> int:
+        with lock:
+            return state["failed_calls"]
+
+    monkeypatch.setattr(watcher_module, "fetch_service", flaky_fetch)
+    good = register(redis_server.url)
+    recorder = Recorder()
+    watcher = TeacherWatcher(redis_server.url, SERVICE, on_change=recorder, poll_s=0.05)
+    watcher.start()  # a broken first read does not make start() raise
+    try:
+        wait_until(lambda: failed_calls() >= 3, what="several failing reads")
+        with lock:
+            state["broken"] = False
+        wait_until(lambda: recorder.endpoints() == {"127.0.0.1:50051"}, what="recovery once reads work")
+        with lock:
+            state["broken"] = True
+            seen = state["failed_calls"]
+        later = register(redis_server.url, 50052)
+        wait_until(lambda: failed_calls() >= seen + 5, what="five more failing reads")
+        assert watcher.snapshot().keys() == {"127.0.0.1:50051"}  # the last known set is kept
+        with lock:
+            state["broken"] = False
+        wait_until(lambda: recorder.endpoints() == {"127.0.0.1:50051", "127.0.0.1:50052"}, what="the later join")
+        later.close()
+    finally:
+        watcher.close()
+        good.close()
+    logged = [r for r in caplog.records if r.levelno >= logging.WARNING and "failed unexpectedly" in r.getMessage()]
+    assert len(logged) == 2  # once per failing streak, not once per poll
+    assert all(r.exc_info and r.exc_info[0] is TypeError for r in logged)

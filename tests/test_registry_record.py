@@ -68,6 +68,9 @@ def _json(**changes) -> bytes:
         pytest.param(_json(model_name=""), "model_name must not be empty", id="empty-model"),
         pytest.param(_json(device="x" * 300), "device must be a string of at most 256", id="long-text"),
         pytest.param(b" " * (MAX_RECORD_BYTES + 1), f"over the {MAX_RECORD_BYTES}-byte limit", id="oversized"),
+        # Deeper than the json module's recursion limit, yet under the size limit.
+        pytest.param(b"[" * MAX_RECORD_BYTES, "nested too deeply", id="deeply-nested"),
+        pytest.param(b"[{\"a\":" * 600, "nested too deeply", id="deeply-nested-objects"),
     ],
 )
 def test_decode_rejects_malformed_records_naming_the_problem(data, expected):
