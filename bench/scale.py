@@ -21,6 +21,16 @@ reader; teachers run in other processes). Summary fields:
   rounds; target ``scaling_efficiency_16`` >= 0.9.
 * ``client_cpu_us_per_request``: reader CPU per request at N=16 (median
   over rounds); target <= 200.
+* ``grpc_floor_cpu_us_per_request``: the same measurement for a bare grpcio
+  client at N=16 in the same round (same teachers, same window, same request
+  rate): one channel per teacher, ``unary_unary(...).future()`` on a request
+  serialized once up front, responses left as bytes; the main thread waits
+  on the oldest call and re-sends, like the reader. Nothing a grpcio client
+  can do costs less. ``grpc_floor_with_copy_cpu_us_per_request`` adds the
+  one copy of the batch into a fresh request that every client needs
+  (``student_client.wire.serialize_request`` per request), and
+  ``client_overhead_above_floor_us`` = reader - floor with copy: what the
+  pool and reader themselves add.
 
     python bench/scale.py [--teachers 1,2,4,8,16,32] [--delay-ms 200] [--rounds 3] [--batches-per-teacher 5]
 """
@@ -28,6 +38,7 @@ reader; teachers run in other processes). Summary fields:
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import sys
 import time
@@ -38,6 +49,8 @@ from _common import CpuTimer, emit, median
 import torch  # noqa: E402
 
 from student_client import DistillReader  # noqa: E402
+from student_client.config import PoolConfig  # noqa: E402
+from student_client.wire import serialize_request  # noqa: E402
 
 
 def _batches(batch_size: int, features: int, distinct: int = 8):
@@ -49,6 +62,45 @@ def _batches(batch_size: int, features: int, distinct: int = 8):
         x[:, 0] = torch.arange(i * batch_size, (i + 1) * batch_size, dtype=torch.float32)
         pool.append(x)
     return itertools.cycle(pool)
+
+
+def _grpc_floor(endpoints: list[str], batches, in_flight: int, warm: int, skip: int, k: int,
+                copy: bool) -> tuple[float, float]:
+    """(batches/s, client CPU us per request) of a bare grpcio client; see the module docstring."""
+    import grpc
+
+    options = PoolConfig().channel_options()
+    channels = [grpc.insecure_channel(e, options=options) for e in endpoints]
+    try:
+        calls = [c.unary_unary("/edistill.v1.Teacher/Predict", request_serializer=None,
+                               response_deserializer=None) for c in channels]
+        fixed, _ = serialize_request("floor-0", {"input": next(batches)}, b"")
+        seq = itertools.count()
+
+        def send(i: int):
+            payload = serialize_request(f"floor-{next(seq)}", {"input": next(batches)}, b"")[0] if copy else fixed
+            return i, calls[i].future(payload, timeout=60.0)
+
+        pending = collections.deque(send(i) for _ in range(in_flight) for i in range(len(calls)))
+
+        def step() -> None:  # wait for the oldest call, send the next request to the same teacher
+            i, fut = pending.popleft()
+            fut.result()
+            pending.append(send(i))
+
+        for _ in range(warm):
+            step()
+        stamps = []
+        with CpuTimer() as t:
+            for _ in range(skip + k):
+                step()
+                stamps.append(time.perf_counter())
+        for _, fut in pending:
+            fut.result()
+        return (k - 1) / (stamps[-1] - stamps[skip]), t.cpu_s / (skip + k) * 1e6
+    finally:
+        for c in channels:
+            c.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     serve_args = _common.latency_args(opts.delay_ms, opts.features, opts.batch_size)
     tput: dict[int, list[float]] = {n: [] for n in counts}
     cpu_us: dict[int, list[float]] = {n: [] for n in counts}
+    ref = 16 if 16 in counts else counts[-1]
+    floor_us: dict[str, list[float]] = {"floor": [], "floor_with_copy": []}
     with _common.teachers(max(counts), "teacher_server.zoo:latency", *serve_args) as procs:
         endpoints = [t.address for t in procs]
         for r in range(opts.rounds):
@@ -102,14 +156,26 @@ def main(argv: list[str] | None = None) -> int:
                       "batches_per_s": round(rate, 2),
                       "ideal_batches_per_s": round(n * 1000.0 / opts.delay_ms, 2),
                       "client_cpu_us_per_request": round(cpu, 1)})
+                if n != ref:
+                    continue
+                # The bare-grpcio floor, right after the reader at the same N, rate and window.
+                for mode, copy in (("floor", False), ("floor_with_copy", True)):
+                    rate, cpu = _grpc_floor(endpoints[:n], _batches(opts.batch_size, opts.features),
+                                            opts.in_flight, 2 * opts.in_flight * n, skip, k, copy)
+                    floor_us[mode].append(cpu)
+                    emit({"round": r, "teachers": n, "mode": f"grpc_{mode}", "batches": k,
+                          "batches_per_s": round(rate, 2), "client_cpu_us_per_request": round(cpu, 1)})
 
     base = median(tput[counts[0]]) / counts[0]
     summary = {"summary": True, **config, "rounds": opts.rounds,
                "batches_per_s": {str(n): round(median(tput[n]), 2) for n in counts}}
     for n in counts:
         summary[f"scaling_efficiency_{n}"] = round(median(tput[n]) / (n * base), 4)
-    ref = 16 if 16 in counts else counts[-1]
     summary["client_cpu_us_per_request"] = round(median(cpu_us[ref]), 1)
+    summary["grpc_floor_cpu_us_per_request"] = round(median(floor_us["floor"]), 1)
+    summary["grpc_floor_with_copy_cpu_us_per_request"] = round(median(floor_us["floor_with_copy"]), 1)
+    summary["client_overhead_above_floor_us"] = round(
+        median(cpu_us[ref]) - median(floor_us["floor_with_copy"]), 1)
     summary["client_cpu_us_per_request_at"] = ref
     summary["client_cpu_us_per_request_by_teachers"] = {str(n): round(median(cpu_us[n]), 1) for n in counts}
     summary["targets"] = {"scaling_efficiency_16": 0.9, "client_cpu_us_per_request": 200}
