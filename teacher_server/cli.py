@@ -15,7 +15,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import grpc
 from google.protobuf import json_format
@@ -26,7 +26,8 @@ from protos.edistill.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.config import DEFAULT_MAX_MESSAGE_BYTES, PRECISIONS, TeacherConfig
 from teacher_server.errors import ConfigError, TeacherError, TeacherUnreachable
 
-__all__ = ["READY_PREFIX", "add_commands", "add_teacher_commands", "apply_env_defaults", "main"]
+__all__ = ["ENV_LIST_SEP", "READY_PREFIX", "SERVE_ENV_NAMES", "add_commands", "add_teacher_commands",
+           "apply_env_defaults", "env_var_name", "main"]
 
 #: Start of the line ``serve`` prints once it serves (see docs/internals.md).
 READY_PREFIX = "edistill teacher ready address="
@@ -74,7 +75,8 @@ def add_teacher_commands(sub: argparse._SubParsersAction) -> None:
                    help='keyword arguments for a factory model, e.g. \'{"num_classes": 100}\'')
     p.add_argument("--input-spec", action="append", default=None, metavar="NAME:DTYPE:D1,D2,...",
                    help="input signature, repeatable, per sample (no batch dim), -1 = free dim; "
-                        "overrides what the model file declares")
+                        "overrides what the model file declares (env EDISTILL_INPUT_SPEC: specs separated "
+                        "by ';'; any --input-spec on the command line replaces them all)")
     p.add_argument("--name", default=None, help="model name reported to students (default: from --model)")
     p.add_argument("--version", default=_defaults.model_version, help="model version reported to students")
     p.add_argument("--registry", default=None, metavar="URL",
@@ -87,7 +89,7 @@ def add_teacher_commands(sub: argparse._SubParsersAction) -> None:
                    help="seconds without heartbeat before the registry drops this teacher (default: 3.0)")
     _add_security_flags(p)
     p.set_defaults(func=cmd_serve)
-    apply_env_defaults(p)
+    apply_env_defaults(p, names=SERVE_ENV_NAMES)
 
     p = sub.add_parser("describe", help="print a teacher's Describe answer as JSON")
     p.add_argument("address", help="HOST:PORT")
@@ -109,11 +111,16 @@ def _add_security_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auth-token-file", default=None, metavar="PATH",
                    help="require 'authorization: Bearer <token>' on Teacher RPCs; one accepted token per line, "
                         "re-read on change and on SIGHUP (tokens may also come from $EDISTILL_AUTH_TOKEN, "
-                        "comma-separated); health checks stay open")
-    p.add_argument("--tls-cert", default=None, metavar="PEM", help="serve TLS with this certificate (chain)")
-    p.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert")
+                        "comma-separated); health checks stay open (env EDISTILL_TEACHER_AUTH_TOKEN_FILE; "
+                        "EDISTILL_AUTH_TOKEN_FILE is the student's and is ignored here)")
+    p.add_argument("--tls-cert", default=None, metavar="PEM",
+                   help="serve TLS with this certificate (chain) (env EDISTILL_TEACHER_TLS_CERT; "
+                        "the student's EDISTILL_TLS_* variables are ignored here)")
+    p.add_argument("--tls-key", default=None, metavar="PEM",
+                   help="private key of --tls-cert (env EDISTILL_TEACHER_TLS_KEY)")
     p.add_argument("--tls-ca", default=None, metavar="PEM",
-                   help="mutual TLS: require client certificates signed by these CA(s)")
+                   help="mutual TLS: require client certificates signed by these CA(s) "
+                        "(env EDISTILL_TEACHER_TLS_CA)")
     p.add_argument("--max-tensor-elements", type=int, default=d.max_tensor_elements, metavar="N",
                    help=f"largest input tensor accepted, in elements (default: {d.max_tensor_elements})")
     p.add_argument("--max-queued-per-peer", type=int, default=d.max_queued_per_peer, metavar="N",
@@ -121,7 +128,8 @@ def _add_security_flags(p: argparse.ArgumentParser) -> None:
                         f"RESOURCE_EXHAUSTED (default: {d.max_queued_per_peer})")
     p.add_argument("--trust-model-file", action="store_true", default=False,
                    help="allow --model to be a pickled torch.save(model) file; unpickling runs arbitrary "
-                        "code, so only for files you made yourself")
+                        "code, so only for files you made yourself. Command line only: no environment "
+                        "variable turns this on")
 
 
 def _add_client_security_flags(p: argparse.ArgumentParser) -> None:
@@ -209,14 +217,64 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(config, model, on_ready=[_ready], configure=configure)
 
 
-def apply_env_defaults(parser: argparse.ArgumentParser, prefix: str = "EDISTILL_") -> None:
+#: ``teacher serve`` flags whose variable is NOT ``EDISTILL_<FLAG>``. ``None``:
+#: never read from the environment. The rule: a flag that relaxes a safety
+#: check is opt-in on the command line only, and the teacher's own
+#: credentials (server certificate, client CA, accepted-token file) have
+#: ``EDISTILL_TEACHER_*`` names, because ``EDISTILL_TLS_*`` and
+#: ``EDISTILL_AUTH_TOKEN_FILE`` are the *student's* client credentials
+#: (student_client/credentials.py): a student's CA exported in a shell must
+#: not make a teacher started from that shell demand client certificates.
+SERVE_ENV_NAMES: dict[str, str | None] = {
+    "--trust-model-file": None,
+    "--tls-cert": "EDISTILL_TEACHER_TLS_CERT",
+    "--tls-key": "EDISTILL_TEACHER_TLS_KEY",
+    "--tls-ca": "EDISTILL_TEACHER_TLS_CA",
+    "--auth-token-file": "EDISTILL_TEACHER_AUTH_TOKEN_FILE",
+}
+
+#: Separator of the items of a repeatable flag given through the environment
+#: (``EDISTILL_INPUT_SPEC="x:float32:3,32,32;mask:bool:32"``).
+ENV_LIST_SEP = ";"
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def env_var_name(option: str, names: Mapping[str, str | None] | None = None,
+                 prefix: str = "EDISTILL_") -> str | None:
+    """The variable that sets ``option``'s default (``--max-batch-size`` -> ``EDISTILL_MAX_BATCH_SIZE``).
+
+    ``names`` overrides the rule per flag; ``None`` there means the flag is
+    never read from the environment.
+    """
+    if names is not None and option in names:
+        return names[option]
+    return prefix + option.lstrip("-").replace("-", "_").upper()
+
+
+def apply_env_defaults(parser: argparse.ArgumentParser, prefix: str = "EDISTILL_",
+                       names: Mapping[str, str | None] | None = None) -> None:
     """Let ``EDISTILL_<FLAG>`` (dashes as underscores) set each flag's default.
 
     Containers are configured through the environment (deploy/.env.example);
     a flag on the command line still wins, and an empty value counts as
-    unset. argparse applies the flag's ``type`` to a string default, so
-    ``EDISTILL_PORT=50051`` arrives as an int. A required flag whose variable
-    is set is no longer required.
+    unset. ``names`` maps a flag to another variable, or to ``None`` (never
+    from the environment; see :data:`SERVE_ENV_NAMES`). Values are converted
+    when the command is parsed, and a bad one is an argparse error naming the
+    variable:
+
+    - value flags: the flag's ``type`` and ``choices`` apply
+      (``EDISTILL_PORT=50051`` arrives as an int);
+    - on/off flags: ``1/true/yes/on`` (as if the flag were given) or
+      ``0/false/no/off`` (as if not), any case, nothing else (``=false``
+      must not turn a flag on);
+    - repeatable flags: items separated by ``;`` (:data:`ENV_LIST_SEP`); using
+      the flag on the command line replaces the whole list (items of a typed
+      repeatable flag are converted when the parser is built).
+
+    A required flag whose variable is set is no longer required. Other kinds
+    of flags (counters, constants) are not read from the environment.
     """
     for action in parser._actions:  # argparse has no public accessor
         if not action.option_strings or action.dest == "help":
@@ -224,11 +282,85 @@ def apply_env_defaults(parser: argparse.ArgumentParser, prefix: str = "EDISTILL_
         long = next((o for o in action.option_strings if o.startswith("--")), None)
         if long is None:
             continue
-        value = os.environ.get(prefix + long[2:].replace("-", "_").upper(), "")
+        var = env_var_name(long, names, prefix)
+        if var is None:
+            continue
+        value = os.environ.get(var, "")
         if value == "":
+            continue
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                               argparse.BooleanOptionalAction)):
+            # argparse converts a string default with ``type`` when it parses
+            # (and only then), so a bad value fails that command, not others.
+            if isinstance(action, argparse.BooleanOptionalAction):
+                action.type = _env_bool(var, True, False)
+            else:  # the variable says whether the flag is given: --no-x for store_false
+                action.type = _env_bool(var, action.const, action.default)
+        elif isinstance(action, argparse._AppendAction):
+            items = [item.strip() for item in value.split(ENV_LIST_SEP) if item.strip()]
+            if not items:
+                continue
+            if action.type is not None or action.choices is not None:
+                # argparse never converts a list default: convert now (a bad
+                # item stops this parser's construction, naming the variable).
+                convert = _env_typed(action.type, action.choices, var, items)
+                try:
+                    items = [convert(item) for item in items]
+                except argparse.ArgumentTypeError as exc:
+                    parser.error(f"argument {long}: {exc}")
+            action.__class__ = _EnvAppendAction
+            value = _EnvList(items)
+        elif type(action) is argparse._StoreAction:
+            action.type = _env_typed(action.type, action.choices, var, [value])
+        else:
             continue
         action.default = value
         action.required = False
+
+
+def _env_bool(var: str, on: object, off: object):
+    def convert(text: str) -> object:
+        low = text.strip().lower()
+        if low in _TRUE:
+            return on
+        if low in _FALSE:
+            return off
+        raise argparse.ArgumentTypeError(
+            f"{var}={text!r} is not a boolean: use one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}")
+    convert.__name__ = "boolean"
+    return convert
+
+
+def _env_typed(type_func, choices, var: str, env_values: list[str]):
+    """``type_func`` that names ``var`` when a value from the environment is bad."""
+    def convert(text: str):
+        try:
+            result = type_func(text) if type_func is not None else text
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
+            if text not in env_values:
+                raise
+            detail = str(exc) if isinstance(exc, argparse.ArgumentTypeError) else \
+                f"invalid {getattr(type_func, '__name__', repr(type_func))} value"
+            raise argparse.ArgumentTypeError(f"{var}={text!r}: {detail}") from None
+        if choices is not None and text in env_values and result not in choices:
+            raise argparse.ArgumentTypeError(
+                f"{var}={text!r}: invalid choice (choose from {', '.join(map(repr, choices))})")
+        return result
+    convert.__name__ = getattr(type_func, "__name__", "str")
+    return convert
+
+
+class _EnvList(list):
+    """A repeatable flag's items from the environment (marks the default so the command line replaces it)."""
+
+
+class _EnvAppendAction(argparse._AppendAction):
+    """``append`` whose environment default is replaced, not extended, by the command line."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if isinstance(getattr(namespace, self.dest, None), _EnvList):
+            setattr(namespace, self.dest, None)
+        super().__call__(parser, namespace, values, option_string)
 
 
 def _env_tokens() -> tuple[str, ...]:
