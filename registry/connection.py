@@ -32,7 +32,7 @@ from registry.errors import (
     RegistryError,
     RegistryUnavailableError,
 )
-from registry.urls import redact_url, scrub
+from registry.urls import _ambiguous_userinfo, redact_url, scrub
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT_S",
@@ -89,6 +89,11 @@ def connect(
         raise RegistryConfigError(f"a Redis URL is required (e.g. redis://HOST:6379/0 or ${REGISTRY_URL_ENV}), got {url!r}")
     if url == "local":
         raise RegistryConfigError(_LOCAL_HINT)
+    if _ambiguous_userinfo(url):
+        # redis-py would dial a "host" made of part of the password and echo it in its error.
+        raise RegistryConfigError(
+            f"the Redis URL {redact_url(url)!r} has an '@' after its host part: a password (or user) "
+            "containing '/', '?' or '#' must be percent-escaped, e.g. urllib.parse.quote(password, safe='')")
     extra = _tls_options(url)
     try:
         return redis.Redis.from_url(

@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
 
 import redis
 
@@ -152,8 +153,12 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        """``redis://[:password@]host:port/0``. Contains the password: do not log it."""
-        auth = f":{self._password}@" if self._password else ""
+        """``redis://[:password@]host:port/0``. Contains the password: do not log it.
+
+        The password is percent-escaped (``p@ss/w:rd#1`` -> ``p%40ss%2Fw%3Ard%231``),
+        so any password makes a URL that redis-py parses back to the same password.
+        """
+        auth = f":{quote(self._password, safe='')}@" if self._password else ""
         return f"redis://{auth}{self._host}:{self._port}/0"
 
     @property
@@ -211,7 +216,9 @@ class EmbeddedRedis:
             'logfile ""',  # stdout, redirected to redis.log below
         ]
         if self._password:
-            lines.append(f'requirepass "{self._password}"')
+            # Inside double quotes redis-server reads backslash escapes (\n, \xHH, \\).
+            escaped = self._password.replace("\\", "\\\\")
+            lines.append(f'requirepass "{escaped}"')
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write("\n".join(lines) + "\n")

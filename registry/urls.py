@@ -20,6 +20,10 @@ _SECRET_QUERY_KEYS = frozenset({"password", "ssl_password"})
 def url_password(url: str) -> str | None:
     """The password carried by a Redis URL (userinfo or ``?password=``), or None."""
     try:
+        scheme, sep, rest = url.partition("://")
+        if sep and _ambiguous_userinfo(url):  # unescaped "/?#" in the password: see redact_url
+            _, colon, password = rest.rpartition("@")[0].partition(":")
+            return unquote(password) if colon and password else None
         parts = urlsplit(url)
         if parts.password:
             return unquote(parts.password)
@@ -39,9 +43,22 @@ def redact_url(url: str) -> str:
     >>> redact_url("rediss://:s3cret@redis:6380/0?password=x")
     'rediss://:***@redis:6380/0?password=%2A%2A%2A'
 
+    A password that was not percent-escaped (``redis://:p@ss/w:rd#1@host/0``)
+    makes the URL ambiguous: ``/``, ``?`` or ``#`` in it end the authority
+    early, and the rest of the password lands in the path, query or
+    fragment. When an ``@`` shows up there, everything up to the last ``@``
+    is taken as user info and redacted (over-redacting rather than leaking).
     A string that cannot be parsed as a URL is not echoed at all.
     """
     try:
+        scheme, sep, rest = url.partition("://")
+        if sep and _ambiguous_userinfo(url):
+            userinfo, _, tail = rest.rpartition("@")
+            user, colon, _ = userinfo.partition(":")
+            # Keep the user name only if it is unambiguous; a password never survives.
+            shown = f"{user}:{REDACTED}" if colon and not any(c in user for c in "/?#") else REDACTED
+            tail = redact_url(f"{scheme}://{tail}").partition("://")[2]  # ?password= in the tail
+            return f"{scheme}://{shown}@{tail}"
         parts = urlsplit(url)
         netloc = parts.netloc
         if "@" in netloc:
@@ -63,6 +80,26 @@ def redact_url(url: str) -> str:
         return text + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
     except ValueError:
         return "<unparseable Redis URL>"
+
+
+# redis-py URL options whose values may legitimately contain "@" (file paths, names).
+_AT_OK_QUERY_KEYS = frozenset({"ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "client_name"})
+
+
+def _ambiguous_userinfo(url: str) -> bool:
+    """Whether an "@" appears after the parsed authority (an unescaped ``/?#`` in user info)."""
+    parts = urlsplit(url)
+    if "@" in parts.fragment:
+        return True
+    if "@" in parts.path and not (parts.scheme == "unix" and not parts.netloc):  # unix:///a@b/sock is a path
+        return True
+    if "@" not in parts.query:
+        return False
+    for piece in parts.query.split("&"):
+        key, eq, _ = piece.partition("=")
+        if "@" in piece and (not eq or "@" in key or key not in _AT_OK_QUERY_KEYS):
+            return True
+    return False
 
 
 def scrub(text: str, url: str) -> str:

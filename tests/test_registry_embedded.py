@@ -7,7 +7,17 @@ from pathlib import Path
 import pytest
 import redis
 
-from registry import EmbeddedRedis, EmbeddedRedisError, connect
+from urllib.parse import quote
+
+from registry import (
+    EmbeddedRedis,
+    EmbeddedRedisError,
+    RegistryUnavailableError,
+    TeacherRecord,
+    TeacherRegistration,
+    connect,
+    redact_url,
+)
 from registry.embedded import REDIS_SERVER_ENV, find_redis_server
 from tests.helpers.redis_proc import PythonChild, pid_alive, wait_until
 
@@ -38,6 +48,22 @@ def test_password_is_required_and_kept_off_the_command_line():
         cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes()
         assert b"Sup3r-secret" not in cmdline
         assert "Sup3r-secret" not in repr(server)
+
+
+@pytest.mark.parametrize("password", ["p@ss/w:rd#1", "sp ace?q=1&x%41\\back"])
+def test_url_escapes_any_password_and_errors_never_show_it(password, caplog):
+    with EmbeddedRedis(password=password) as server:
+        assert connect(server.url).ping()  # redis-py parses the password back intact
+        assert redact_url(server.url) == f"redis://:***@127.0.0.1:{server.port}/0"
+        url = server.url
+    # Redis gone: the error names the redacted URL and no piece of the password.
+    with pytest.raises(RegistryUnavailableError) as info:
+        TeacherRegistration(url, "svc", TeacherRecord(endpoint="127.0.0.1:1", service="svc", model_name="m"),
+                            startup_timeout_s=0).start()
+    message = str(info.value) + caplog.text
+    assert f"redis://:***@127.0.0.1:{server.port}/0" in message
+    for piece in ("p@ss", "w:rd", "rd#1", "sp ace", "back", quote(password, safe="")):
+        assert piece not in message
 
 
 def test_restart_keeps_the_port_and_starts_empty():

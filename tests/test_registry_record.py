@@ -18,7 +18,7 @@ from registry import (
     encode_record,
     redact_url,
 )
-from registry.urls import scrub
+from registry.urls import scrub, url_password
 
 
 def make_record(**changes) -> TeacherRecord:
@@ -107,10 +107,30 @@ def test_record_replace_rejects_unknown_field():
         ("redis://alice@redis:6379/0", "redis://alice@redis:6379/0"),
         ("unix:///run/redis.sock?password=s3cret&db=2", "unix:///run/redis.sock?password=%2A%2A%2A&db=2"),
         ("redis://redis:6379/0", "redis://redis:6379/0"),
+        ("rediss://:pw@redis:6380/0?ssl_ca_certs=/certs/a@b.pem", "rediss://:***@redis:6380/0?ssl_ca_certs=/certs/a@b.pem"),
+        ("unix:///run/a@b/redis.sock", "unix:///run/a@b/redis.sock"),
+        # Unescaped '/', '?' or '#' in a password end the authority early; nothing of it may show.
+        ("redis://:p@ss/w:rd#1@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+        ("redis://alice:pa?ss=x@redis:6379/0", "redis://alice:***@redis:6379/0"),
+        ("redis://alice:12/x@redis:6379/0", "redis://alice:***@redis:6379/0"),
+        ("redis://alice:1#frag@redis:6379/0", "redis://alice:***@redis:6379/0"),
+        ("redis://alice:p@w?x=c@redis:6379/0", "redis://alice:***@redis:6379/0"),
+        ("redis://:a/b@redis:6379/0?password=zz", "redis://:***@redis:6379/0?password=%2A%2A%2A"),
     ],
 )
 def test_redact_url_hides_passwords_only(url, expected):
     assert redact_url(url) == expected
+
+
+@pytest.mark.parametrize("password", ["pQ@ssZ/wX:rdY#1", "aQ?bX=cY@dZ", "xQ#yX/zY"])
+def test_unescaped_passwords_are_scrubbed_and_refused_clearly(password):
+    url = f"redis://alice:{password}@redis:6379/0"
+    assert url_password(url) == password
+    assert password not in scrub(f"failed for {url}: {password}", url)
+    with pytest.raises(RegistryConfigError, match="must be percent-escaped") as info:
+        connect(url)
+    for marker in "QXYZ":  # every piece of the password carries one
+        assert marker not in str(info.value)
 
 
 def test_scrub_removes_url_and_password_from_text():
