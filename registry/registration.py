@@ -34,6 +34,7 @@ from registry._outage import OutageLog
 from registry.connection import connect, map_redis_error, server_time_ms
 from registry.errors import RegistryAuthError, RegistryConfigError, RegistryError
 from registry.record import TeacherRecord, encode_record
+from registry.urls import redact_url
 
 __all__ = ["TeacherRegistration"]
 
@@ -155,6 +156,7 @@ class TeacherRegistration:
         if self._thread is not None:
             raise RegistryError(f"{self._who} was already started")
         deadline = time.monotonic() + self._startup_timeout_s
+        warned = False
         while True:
             try:
                 with self._io_lock:
@@ -166,7 +168,12 @@ class TeacherRegistration:
                 if isinstance(error, RegistryAuthError) or remaining <= 0:
                     self._client.close()
                     raise error from exc
-                logger.debug("%s: first registration failed, retrying: %s", self._who, error)
+                if not warned:  # otherwise a teacher is silent for the whole startup timeout
+                    warned = True
+                    logger.warning("%s: cannot reach Redis at %s; retrying for %g s (%s)",
+                                   self._who, redact_url(self._url), self._startup_timeout_s, error)
+                else:
+                    logger.debug("%s: first registration failed, retrying: %s", self._who, error)
                 time.sleep(min(self._heartbeat_s, remaining))
         self._thread = threading.Thread(target=self._run, name=f"edistill-heartbeat-{self._service}", daemon=True)
         self._thread.start()

@@ -338,3 +338,33 @@ def test_an_unexpected_read_error_keeps_the_last_teachers_and_is_logged_once(red
     logged = [r for r in caplog.records if r.levelno >= logging.WARNING and "failed unexpectedly" in r.getMessage()]
     assert len(logged) == 2  # once per failing streak, not once per poll
     assert all(r.exc_info and r.exc_info[0] is TypeError for r in logged)
+
+
+def test_start_warns_once_while_redis_is_unreachable_then_registers(redis_with_password, caplog):
+    url = redis_with_password.url
+    redis_with_password.stop()
+    outcome: dict[str, object] = {}
+
+    def start() -> None:
+        try:
+            outcome["reg"] = register(url, startup_timeout_s=60)
+        except Exception as exc:  # reported by the assertions below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=start, daemon=True)
+    thread.start()
+    # Not silent for the whole startup timeout: one warning at the first failure.
+    wait_until(lambda: "cannot reach Redis" in caplog.text, what="the startup warning")
+    redis_with_password.start()
+    thread.join(30)
+    assert not thread.is_alive() and "error" not in outcome, outcome
+    reg = outcome["reg"]
+    try:
+        assert reg.registered
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        startup = [m for m in warnings if "cannot reach Redis" in m]
+        assert len(startup) == 1
+        assert f"cannot reach Redis at redis://:***@127.0.0.1:{redis_with_password.port}/0; retrying for 60 s" in startup[0]
+        assert "Pa55" not in caplog.text
+    finally:
+        reg.close()
