@@ -19,6 +19,19 @@ Concurrency notes:
 * Every future is resolved: with a result, the request's own error, or the
   batch's error; a request whose client went away (future cancelled) is
   skipped before its batch is formed.
+
+One request never fails its batch-mates:
+
+* Only requests whose per-sample input shapes equal the first request's are
+  merged (models with free dimensions, ``-1`` in the input spec, take
+  different lengths per request). Arrival order is kept: the first request
+  that does not match ends the batch and leads the next one.
+* When a forward pass over several requests raises (an input that passed
+  validation but breaks the model, e.g. an embedding index out of range),
+  each request is run again on its own, so only the culprit gets INTERNAL.
+  The failed merged pass is recorded as one failed batch; the re-runs are
+  not separate batches in the stats, and each re-run request's
+  ``batch_size`` is its own size.
 """
 
 from __future__ import annotations
@@ -97,6 +110,11 @@ class _Item:
     size: int  # n
     future: asyncio.Future
     enqueued: float  # time.perf_counter()
+
+    @property
+    def sample_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Per-sample shape of each input (batch dim dropped): what must match to share a batch."""
+        return tuple(tuple(t.shape[1:]) for t in self.inputs)
 
 
 class DynamicBatcher:
@@ -217,6 +235,8 @@ class DynamicBatcher:
                     continue
                 if total + nxt.size > self.max_batch_size:
                     break  # never split a request; it leads the next batch
+                if items and nxt.sample_shapes != items[0].sample_shapes:
+                    break  # free dims differ: torch.cat would fail; it leads the next batch (FIFO)
                 self._queue.popleft()
                 items.append(nxt)
                 total += nxt.size
@@ -240,7 +260,17 @@ class DynamicBatcher:
         failed = False
         self._computing = len(items)
         try:
-            results, compute_ms = await loop.run_in_executor(self._executor, self._compute, items)
+            try:
+                results, compute_ms = await loop.run_in_executor(self._executor, self._compute, items)
+            except Exception as exc:
+                if len(items) == 1 or isinstance(exc, RequestError):
+                    raise
+                # One request may have broken the merged pass: run each alone
+                # so only the culprit fails (its error is logged there).
+                failed = True
+                log.warning("batch of %d requests failed (%s: %s); running each request alone",
+                            len(items), type(exc).__name__, exc)
+                results, compute_ms = await loop.run_in_executor(self._executor, self._compute_each, items)
         except BaseException as exc:
             failed = True
             err = exc if isinstance(exc, RequestError) else InferenceFailed(
@@ -262,7 +292,8 @@ class DynamicBatcher:
             if isinstance(res, BaseException):
                 it.future.set_exception(res)
             else:
-                it.future.set_result(ItemResult(res, total, q_ms, compute_ms))
+                # After a failed merged pass each request ran alone.
+                it.future.set_result(ItemResult(res, it.size if failed else total, q_ms, compute_ms))
         s = self._stats
         s.batches += 1
         s.requests += len(items)
@@ -305,6 +336,20 @@ class DynamicBatcher:
             except Exception as exc:
                 results.append(InferenceFailed(f"output transform failed: {type(exc).__name__}: {exc}"))
             offset += it.size
+        return results, (time.perf_counter() - t0) * 1000.0
+
+    def _compute_each(self, items: list[_Item]) -> tuple[list[list[OutputValue] | BaseException], float]:
+        """Worker thread: run each request alone after its merged batch failed."""
+        t0 = time.perf_counter()
+        results: list[list[OutputValue] | BaseException] = []
+        for it in items:
+            try:
+                results.append(self._compute([it])[0][0])
+            except RequestError as exc:
+                results.append(exc)
+            except Exception as exc:
+                log.error("request of %d sample(s) failed the forward pass on its own", it.size, exc_info=True)
+                results.append(InferenceFailed(f"teacher forward pass failed: {type(exc).__name__}: {exc}"))
         return results, (time.perf_counter() - t0) * 1000.0
 
     def _on_loop_done(self, task: asyncio.Task) -> None:

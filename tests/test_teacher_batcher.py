@@ -60,19 +60,54 @@ class Poisoned(torch.nn.Module):
         return x[:, :1] * torch.ones(3)
 
 
-def test_forward_failure_resolves_every_future_and_batcher_continues() -> None:
+def test_forward_failure_fails_only_the_culprit_and_batcher_continues() -> None:
     async def main():
         b = _batcher(LoadedModel.from_module(Poisoned()), max_queue_delay_ms=50)
-        bad = [asyncio.ensure_future(b.submit(_ids(v), RAW, 1)) for v in (1, -5000, 2)]
-        done = await asyncio.gather(*bad, return_exceptions=True)
+        records = []
+        b.add_listener(records.append)
+        mixed = [asyncio.ensure_future(b.submit(_ids(v), RAW, 1)) for v in (1, -5000, 2)]
+        done = await asyncio.gather(*mixed, return_exceptions=True)
+        alone = await asyncio.gather(b.submit(_ids(-6000), RAW, 1), return_exceptions=True)
         after = await b.submit(_ids(5), RAW, 1)
         await b.close()
-        return done, after, b.stats()
+        return done, alone[0], after, records, b.stats()
 
-    done, after, stats = asyncio.run(main())
-    assert all(isinstance(e, InferenceFailed) and "poisoned sample" in str(e) for e in done)
+    done, alone, after, records, stats = asyncio.run(main())
+    assert records[0].num_requests == 3 and records[0].failed  # they did share the forward pass
+    good1, bad, good2 = done
+    assert isinstance(bad, InferenceFailed) and "poisoned sample" in str(bad)
+    assert good1.outputs[0].values[0, 0].item() == 1 and good2.outputs[0].values[0, 0].item() == 2
+    assert good1.batch_size == 1  # re-run on its own
+    assert isinstance(alone, InferenceFailed) and "poisoned sample" in str(alone)
     assert after.outputs[0].values[0, 0].item() == 5
-    assert stats.failed_batches == 1
+    assert stats.failed_batches == 2
+
+
+class FreeLength(torch.nn.Module):
+    """Free-length sequences: (B, L) -> (B, 3) holding each row's mean."""
+
+    edistill_inputs = [("input", "float32", (-1,))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1, keepdim=True) * torch.ones(3)
+
+
+def test_different_free_dims_are_not_merged_and_order_is_kept() -> None:
+    async def main():
+        b = _batcher(LoadedModel.from_module(FreeLength()), max_batch_size=8, max_queue_delay_ms=50)
+        records = []
+        b.add_listener(records.append)
+        lengths = [3, 3, 5, 3]  # -> [3, 3] [5] [3]: a mismatch ends the batch, nothing overtakes it
+        tasks = [asyncio.ensure_future(b.submit([torch.full((1, n), float(i))], RAW, 1))
+                 for i, n in enumerate(lengths)]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await b.close()
+        return results, records
+
+    results, records = asyncio.run(main())
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    assert [r.outputs[0].values[0, 0].item() for r in results] == [0.0, 1.0, 2.0, 3.0]
+    assert [r.num_requests for r in records] == [2, 1, 1] and not any(r.failed for r in records)
 
 
 def test_cancelled_request_is_skipped() -> None:
