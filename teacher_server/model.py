@@ -321,6 +321,10 @@ def _load_factory(spec: str, kwargs: dict[str, Any], checkpoint: str | None) -> 
     except ImportError as exc:
         raise ModelLoadError(f"cannot import {mod_name!r} for --model {spec}: {exc}; "
                              "is the package installed or on PYTHONPATH?") from exc
+    except Exception as exc:  # the module's own code raised (SyntaxError, RuntimeError at import, ...)
+        where = f" ({exc.filename}:{exc.lineno})" if isinstance(exc, SyntaxError) and exc.filename else ""
+        raise ModelLoadError(f"importing {mod_name!r} for --model {spec} raised {type(exc).__name__}{where}: "
+                             f"{_first_line(exc)}") from exc
     factory = getattr(mod, attr, None)
     if not callable(factory):
         raise ModelLoadError(f"--model {spec}: {mod_name} has no callable {attr!r}")
@@ -355,7 +359,38 @@ def _load_checkpoint(module: torch.nn.Module, path: str) -> None:
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ModelLoadError(f"checkpoint {path!r} does not fit the model: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"checkpoint {path!r} does not fit the model: {_state_dict_mismatch(module, state, exc)}; "
+                             "check --model-kwargs and that the checkpoint is this model's") from exc
+
+
+# Keys named per list in a checkpoint mismatch message; the rest are counted.
+_MAX_KEYS_SHOWN = 5
+
+
+def _key_list(keys: Sequence[str]) -> str:
+    shown = ", ".join(keys[:_MAX_KEYS_SHOWN])
+    return shown + (f" ... and {len(keys) - _MAX_KEYS_SHOWN} more" if len(keys) > _MAX_KEYS_SHOWN else "")
+
+
+def _state_dict_mismatch(module: torch.nn.Module, state: Mapping[str, Any], exc: Exception) -> str:
+    """One line saying how ``state`` differs from ``module``'s own state dict (keys, then shapes)."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): {_key_list(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {_key_list(unexpected)}")
+    shapes = [f"{k} {list(state[k].shape)} vs model {list(v.shape)}" for k, v in own.items()
+              if k in state and isinstance(state[k], torch.Tensor) and isinstance(v, torch.Tensor)
+              and state[k].shape != v.shape]
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatch(es): {_key_list(shapes)}")
+    if not parts:  # something else load_state_dict refused: its own text, on one line
+        text = " ".join(str(exc).split())
+        parts.append(text if len(text) <= 300 else text[:300] + " ...")
+    return "; ".join(parts)
 
 
 def _sniff_format(path: str, trust_model_file: bool = False) -> str:

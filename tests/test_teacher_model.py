@@ -205,3 +205,56 @@ def test_from_module_uses_edistill_inputs() -> None:
     assert model.input_names == ("input",) and model.output_names == ("logits",)
     out = model.run([torch.tensor([[7.0, 0, 0, 0]])])["logits"]
     assert out[0, 0].item() == 7.0
+
+
+@pytest.mark.parametrize("body,kind", [
+    ("raise RuntimeError('CUDA driver too old')\n", "RuntimeError"),
+    ("def build(:\n    pass\n", "SyntaxError"),
+    ("import no_such_dependency_xyz\n", "No module named 'no_such_dependency_xyz'"),
+    ("X = 1 / 0\n", "ZeroDivisionError"),
+])
+def test_factory_module_failing_at_import_is_one_line(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+                                                      body: str, kind: str) -> None:
+    name = f"edistill_badfactory_{abs(hash(body)) % 10**8}"
+    (tmp_path / f"{name}.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModelLoadError) as info:
+        load_model(f"{name}:build")
+    msg = str(info.value)
+    assert "\n" not in msg and name in msg and kind in msg, msg
+
+
+def test_factory_module_failing_at_import_cli_prints_one_line(tmp_path: pathlib.Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "edistill_importboom.py").write_text("raise RuntimeError('boom at import')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(pathlib.Path(__file__).parents[1])]))
+    proc = subprocess.run([sys.executable, "-m", "teacher_server", "serve", "--model", "edistill_importboom:build"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert len(lines) == 1 and "edistill_importboom" in lines[0] and "boom at import" in lines[0], proc.stderr
+
+
+def test_checkpoint_mismatch_names_the_keys(tmp_path: pathlib.Path) -> None:
+    state = _mlp().state_dict()  # keys 0.*, 2.*, 4.* (Sequential of Linear/ReLU)
+    del state["4.bias"]
+    state["head.weight"] = torch.zeros(3)
+    torch.save(state, tmp_path / "keys.pt")
+    with pytest.raises(ModelLoadError) as info:
+        load_model("teacher_server.zoo:mlp", checkpoint=str(tmp_path / "keys.pt"))
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "1 missing key(s): 4.bias" in msg and "1 unexpected key(s): head.weight" in msg, msg
+
+    many = {f"extra{i}.weight": torch.zeros(1) for i in range(20)} | _mlp().state_dict()
+    torch.save(many, tmp_path / "many.pt")
+    with pytest.raises(ModelLoadError, match=r"20 unexpected key\(s\): extra0\.weight, .* and 15 more"):
+        load_model("teacher_server.zoo:mlp", checkpoint=str(tmp_path / "many.pt"))
+
+    torch.save(zoo.mlp(hidden=32).state_dict(), tmp_path / "narrow.pt")
+    with pytest.raises(ModelLoadError, match=r"shape mismatch\(es\): 0\.weight \[32, 64\] vs model \[128, 64\]"):
+        load_model("teacher_server.zoo:mlp", checkpoint=str(tmp_path / "narrow.pt"))
