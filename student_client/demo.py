@@ -50,7 +50,7 @@ import threading
 import time
 from typing import Any
 
-from student_client.errors import StudentError
+from student_client.errors import ConfigError, StudentError
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +76,18 @@ class DemoConfig:
     noise_std: float = 0.1  # input noise, the same view for teacher and student
     eval_every_steps: int = 40
     fault: bool = True  # SIGKILL a teacher and start a new one mid-training
-    registry: str | None = None  # Redis URL; None starts an embedded Redis
+    registry: str | None = None  # Redis URL (checked with a PING); None or "local" starts an embedded Redis
     out_dir: str | None = None  # report.json / demo.png go here (temp dir if None)
     progress: bool = True  # tqdm progress bar on stderr
 
     def __post_init__(self) -> None:
         for name in ("seeds", "teachers", "labelled", "steps", "batch_size", "eval_every_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.ce_weight < 0:
-            raise ValueError(f"ce_weight must be >= 0, got {self.ce_weight}")
+            raise ConfigError(f"ce_weight must be >= 0, got {self.ce_weight}")
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
 
     @classmethod
     def fast(cls, **overrides: Any) -> "DemoConfig":
@@ -178,16 +178,27 @@ def _accuracy(model, data: _Digits) -> float:
 # ----------------------------------------------------------------- teachers
 
 
+@dataclasses.dataclass
+class _Teacher:
+    proc: subprocess.Popen
+    log_file: pathlib.Path
+    address: str | None = None  # set once it printed its ready line
+
+
 class _TeacherFleet:
-    """Teacher server processes started with ``python -m teacher_server serve``."""
+    """Teacher server processes started with ``python -m teacher_server serve``.
+
+    Every process is in :attr:`procs` from the moment it is launched, so
+    :meth:`stop_all` ends it even when it (or a sibling) never became ready.
+    """
 
     def __init__(self, checkpoint: pathlib.Path, hidden: int, registry: str, log_dir: pathlib.Path) -> None:
         self.checkpoint, self.hidden, self.registry, self.log_dir = checkpoint, hidden, registry, log_dir
-        self.procs: list[tuple[subprocess.Popen, str]] = []
+        self.procs: list[_Teacher] = []
+        self._lock = threading.Lock()  # procs grows from the replacement thread too
         self._count = 0
 
-    def _launch(self) -> tuple[subprocess.Popen, pathlib.Path]:
-        self._count += 1
+    def _launch(self) -> _Teacher:
         cmd = [
             sys.executable, "-m", "teacher_server", "serve",
             "--model", "teacher_server.zoo:mlp",
@@ -195,28 +206,36 @@ class _TeacherFleet:
             "--checkpoint", str(self.checkpoint),
             "--name", "digits-mlp", "--version", "1",
             "--host", "127.0.0.1", "--port", "0",
-            "--registry", self.registry, "--service", SERVICE,
+            "--service", SERVICE,
             "--max-queue-delay-ms", "1",
         ]
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        log_file = self.log_dir / f"teacher-{self._count}.log"
-        with open(log_file, "wb") as stderr:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, env=env, text=True)
-        return proc, log_file
+        # The URL may carry a password: pass it in the environment (the teacher
+        # CLI reads EDISTILL_REGISTRY), never on the command line, where `ps` shows it.
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", EDISTILL_REGISTRY=self.registry)
+        with self._lock:
+            self._count += 1
+            log_file = self.log_dir / f"teacher-{self._count}.log"
+            with open(log_file, "wb") as stderr:
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, env=env, text=True)
+            teacher = _Teacher(proc, log_file)
+            self.procs.append(teacher)  # at once: stop_all() must reach it whatever happens next
+        return teacher
 
-    def start(self) -> tuple[subprocess.Popen, str]:
+    def start(self) -> _Teacher:
         """Start one teacher and wait until it prints its ready line."""
         return self.start_many(1)[0]
 
-    def start_many(self, n: int) -> list[tuple[subprocess.Popen, str]]:
-        """Start ``n`` teachers at once (they boot in parallel) and wait for all."""
+    def start_many(self, n: int) -> list[_Teacher]:
+        """Start ``n`` teachers at once (they boot in parallel) and wait for all.
+
+        Raises:
+            StudentError: a teacher exited or did not get ready in time; the
+                caller's :meth:`stop_all` ends the others.
+        """
         launched = [self._launch() for _ in range(n)]
-        started = []
-        for proc, log_file in launched:
-            address = self._wait_ready(proc, log_file)
-            self.procs.append((proc, address))
-            started.append((proc, address))
-        return started
+        for teacher in launched:
+            teacher.address = self._wait_ready(teacher.proc, teacher.log_file)
+        return launched
 
     def _wait_ready(self, proc: subprocess.Popen, log_file: pathlib.Path, timeout_s: float = 60.0) -> str:
         result: list[str] = []
@@ -231,18 +250,32 @@ class _TeacherFleet:
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
         reader.join(timeout_s)
-        if not result:
+        if result:
+            return result[0]
+        code = None
+        if not reader.is_alive():  # stdout closed: the process is exiting
+            try:
+                code = proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        if code is None:
             proc.kill()
-            tail = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
-            raise StudentError(f"demo teacher process did not become ready in {timeout_s:.0f} s; "
-                               f"its log ({log_file}):\n{tail}")
-        return result[0]
+            proc.wait()
+            raise StudentError(f"demo teacher process did not become ready in {timeout_s:.0f} s "
+                               f"(killed); its log: {log_file}")
+        # The teacher CLI ends with its error as one line; the rest of the log is in the file.
+        lines = log_file.read_text(errors="replace").strip().splitlines() if log_file.exists() else []
+        last = lines[-1].strip() if lines else "(no output)"
+        raise StudentError(f"demo teacher process exited with code {code} before it was ready: {last} "
+                           f"(full log: {log_file})")
 
     def stop_all(self) -> None:
-        for proc, _ in self.procs:
+        with self._lock:
+            procs = [teacher.proc for teacher in self.procs]
+        for proc in procs:
             if proc.poll() is None:
                 proc.terminate()
-        for proc, _ in self.procs:
+        for proc in procs:
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
@@ -410,6 +443,26 @@ class _LiveSampler:
         self._thread.join()
 
 
+def _check_registry(url: str) -> None:
+    """PING the registry the demo was given.
+
+    Raises:
+        registry.RegistryError: unreachable, bad URL or credentials (URL redacted).
+    """
+    from redis import exceptions as redis_exc
+
+    from registry import connect
+    from registry.connection import map_redis_error
+
+    client = connect(url)
+    try:
+        client.ping()
+    except (redis_exc.RedisError, OSError) as exc:
+        raise map_redis_error(exc, url, "answering the demo's PING") from exc
+    finally:
+        client.close()
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the demo and return its report (also written to ``report.json``)."""
     import torch
@@ -425,12 +478,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     fleet = None
     watcher = None
     try:
-        if cfg.registry is None:
+        if cfg.registry in (None, "local"):
             redis = EmbeddedRedis()
             redis.start()
             registry_url = redis.url
         else:
             registry_url = cfg.registry
+            _check_registry(registry_url)  # one clear line now, not a teacher timing out later
         data = _Digits()
         teacher = _train_teacher(data, cfg)
         teacher_acc = _accuracy(teacher, data)
@@ -451,14 +505,15 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         replacement: list[threading.Thread] = []
 
         def start_replacement() -> None:
-            _, new_address = fleet.start()
+            new_address = fleet.start().address
             events.append(f"started teacher {new_address}")
             marks.append((time.monotonic() - t_fleet, "new teacher ready"))
 
         def fault() -> None:
-            proc, address = fleet.procs[0]
-            proc.kill()  # SIGKILL: no deregistration, the TTL has to notice
-            proc.wait()
+            first = fleet.procs[0]
+            address = first.address
+            first.proc.kill()  # SIGKILL: no deregistration, the TTL has to notice
+            first.proc.wait()
             events.append(f"SIGKILLed teacher {address}")
             marks.append((time.monotonic() - t_fleet, "SIGKILL"))
             # The replacement boots in the background, as a real one would:
@@ -577,7 +632,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fast", action="store_true", help="a reduced run (~30 s) for smoke tests")
     p.add_argument("--seeds", type=int, default=None, help="seeds per student variant (default 3; 2 with --fast)")
     p.add_argument("--teachers", type=int, default=2, help="teacher processes to start (default 2)")
-    p.add_argument("--registry", default=None, help="Redis URL; default: start an embedded Redis")
+    p.add_argument("--registry", default=None, help="Redis URL (use a URL without a password here, or run a teacher fleet yourself); "
+                   "default or 'local': start an embedded Redis")
     p.add_argument("--out", default=None, help="directory for report.json and demo.png (default: a temp dir)")
     p.add_argument("--no-fault", action="store_true", help="do not kill and replace a teacher mid-training")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
 
+import pytest
+
+from student_client.cli import main
 from student_client.demo import DemoConfig, format_report, run_demo
+from student_client.errors import ConfigError, StudentError
 from tests.helpers.teacher_proc import REPO_ROOT
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -68,3 +73,74 @@ def test_demo_without_matplotlib_runs_and_says_where_the_plot_would_be(tmp_path)
     assert not (tmp_path / "demo.png").exists()
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["plot"] is None and report["batches_lost"] == 0 and report["batches_duplicated"] == 0
+
+
+@pytest.mark.parametrize("flag", ["--seeds", "--teachers"])
+def test_demo_rejects_zero_seeds_or_teachers_in_one_line(flag, capsys) -> None:
+    with pytest.raises(ConfigError, match=f"{flag[2:]} must be >= 1, got 0"):
+        DemoConfig(**{flag[2:]: 0})
+    assert main(["demo", "--fast", "--no-progress", flag, "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"edistill demo: error: {flag[2:]} must be >= 1, got 0"
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in pathlib.Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_demo_with_an_unreachable_registry_fails_in_one_line_and_leaves_no_teacher(tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "student_client.cli", "demo", "--fast", "--no-progress", "--out", str(tmp_path),
+         "--registry", "redis://:Pa55-w0rd@127.0.0.1:1/0"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("edistill demo: error: ") and "redis://:***@127.0.0.1:1/0" in lines[0]
+    assert "Pa55-w0rd" not in proc.stderr + proc.stdout
+    assert _processes_mentioning(str(tmp_path)) == []  # teachers carry the checkpoint path in their argv
+
+
+def test_fleet_reports_an_early_exit_and_stops_every_teacher_it_launched(tmp_path) -> None:
+    import torch
+
+    from registry import EmbeddedRedis
+    from student_client.demo import _TeacherFleet
+    from teacher_server.zoo import mlp
+    from tests.helpers.redis_proc import pid_alive, wait_until
+
+    good = tmp_path / "teacher.pt"
+    torch.save(mlp(hidden=8).state_dict(), good)
+    with EmbeddedRedis(password="Pa55-w0rd") as redis:
+        fleet = _TeacherFleet(tmp_path / "missing.pt", 8, redis.url, tmp_path)
+        launched = []
+        launch = fleet._launch
+
+        def launch_then_fix_checkpoint():
+            teacher = launch()  # the first teacher gets a missing checkpoint and exits with code 2
+            launched.append(teacher.proc)
+            fleet.checkpoint = good  # the second one is healthy
+            return teacher
+
+        fleet._launch = launch_then_fix_checkpoint
+        try:
+            with pytest.raises(StudentError) as info:
+                fleet.start_many(2)
+            message = str(info.value)
+            assert "exited with code 2 before it was ready" in message and "missing.pt" in message
+            assert "\n" not in message and "did not become ready" not in message
+            assert [t.proc for t in fleet.procs] == launched and len(launched) == 2
+            for p in launched:  # the registry URL (with its password) is not on a command line
+                assert not any("Pa55-w0rd" in arg or "--registry" in arg for arg in p.args)
+        finally:
+            fleet.stop_all()
+        assert all(p.poll() is not None for p in launched)
+        wait_until(lambda: not any(pid_alive(p.pid) for p in launched), what="every teacher to exit")
