@@ -200,9 +200,10 @@ def test_student_runs_the_example_against_the_same_registry_and_service(tmp_path
     student, teacher = cfg["services"]["student"], cfg["services"]["teacher"]
     argv = (student.get("entrypoint") or []) + (student.get("command") or [])
     assert "/app/examples/train_student.py" in argv, argv
-    registry = argv[argv.index("--registry") + 1]
+    # The registry URL may carry a password: environment only, never argv (`ps`).
+    assert not any("--registry" in arg or "redis://" in arg for arg in argv), argv
     service = argv[argv.index("--service") + 1]
-    assert registry == teacher["environment"]["EDISTILL_REGISTRY"]
+    assert student["environment"]["EDISTILL_REGISTRY"] == teacher["environment"]["EDISTILL_REGISTRY"]
     assert service == teacher["environment"]["EDISTILL_SERVICE"]
     assert student["depends_on"]["teacher"]["condition"] == "service_healthy"
     # The image's HEALTHCHECK probes a teacher port the student never opens.
