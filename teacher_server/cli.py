@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from typing import Mapping, Sequence
 
@@ -27,7 +28,7 @@ from teacher_server.config import DEFAULT_MAX_MESSAGE_BYTES, PRECISIONS, Teacher
 from teacher_server.errors import ConfigError, TeacherError, TeacherUnreachable
 
 __all__ = ["ENV_LIST_SEP", "READY_PREFIX", "SERVE_ENV_NAMES", "add_commands", "add_teacher_commands",
-           "apply_env_defaults", "env_var_name", "main"]
+           "apply_env_defaults", "default_service", "env_var_name", "main"]
 
 #: Start of the line ``serve`` prints once it serves (see docs/internals.md).
 READY_PREFIX = "edistill teacher ready address="
@@ -83,7 +84,8 @@ def add_teacher_commands(sub: argparse._SubParsersAction) -> None:
                    help="Redis URL to register in (redis://[user:password@]host:6379/0, rediss://...), or "
                         "'local' to start an embedded Redis; prefer EDISTILL_REGISTRY for URLs with passwords")
     p.add_argument("--service", default=None, metavar="NAME",
-                   help="service name students look up (default: the model name)")
+                   help="service name students look up: letters, digits, '.', '_', '-' (default: the model "
+                        "name, other characters replaced by '-')")
     p.add_argument("--heartbeat-s", type=float, default=1.0, help="registry heartbeat period (default: 1.0)")
     p.add_argument("--ttl-s", type=float, default=3.0,
                    help="seconds without heartbeat before the registry drops this teacher (default: 3.0)")
@@ -159,8 +161,62 @@ def _default_name(spec: str) -> str:
     return base.rsplit(".", 1)[0] or base
 
 
+def default_service(model_name: str) -> str:
+    """A valid registry service name derived from ``model_name`` (``"My Model v2"`` -> ``"My-Model-v2"``).
+
+    Characters other than letters, digits, ``.``, ``_`` and ``-`` become ``-``
+    (runs collapsed), leading/trailing separators are dropped, 128 at most.
+
+    Raises:
+        ConfigError: nothing usable is left (say ``--service NAME``).
+    """
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", model_name)
+    name = re.sub(r"^[._-]+", "", name)[:128].rstrip("-")
+    if not name:
+        raise ConfigError(f"cannot derive a service name from the model name {model_name!r}; pass --service NAME")
+    return name
+
+
+def _preflight(args: argparse.Namespace, config: TeacherConfig) -> str | None:
+    """Check what is cheap to check before the model loads (that can take minutes on a GPU).
+
+    Returns the registry service name (None without ``--registry``). Raises
+    ConfigError naming the flag: a registry URL redis-py cannot parse (no I/O
+    yet), a bad ``--service``, unreadable or mismatched TLS PEM files, an
+    unreadable or empty token file.
+    """
+    service = None
+    if args.registry:
+        from registry.errors import RegistryConfigError
+        from registry.keys import validate_name
+
+        if args.registry != "local":
+            from registry import connect
+
+            try:
+                connect(args.registry).close()  # parses the URL (and a rediss:// CA file); no connection yet
+            except RegistryConfigError as exc:
+                raise ConfigError(f"--registry: {exc}") from None
+        if args.service:
+            try:
+                service = validate_name(args.service, "--service")
+            except RegistryConfigError as exc:
+                raise ConfigError(str(exc)) from None
+        else:
+            service = default_service(config.model_name)
+    if config.tls_cert:
+        from teacher_server.tls import server_credentials
+
+        server_credentials(config.tls_cert, config.tls_key, config.tls_ca)  # reads and pairs the PEM files
+    if config.auth_enabled:
+        from teacher_server.auth import TokenSet
+
+        TokenSet(config.auth_token_file, config.auth_tokens)  # reads the file: readable, holds a token
+    return service
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Load the model, serve until SIGTERM/SIGINT, drain, return 0."""
+    """Check the cheap settings, load the model, serve until SIGTERM/SIGINT, drain, return 0."""
     config = TeacherConfig(
         model_name=args.name or _default_name(args.model),
         model_version=args.version,
@@ -184,6 +240,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_tensor_elements=args.max_tensor_elements,
         max_queued_per_peer=args.max_queued_per_peer,
     )
+    service = _preflight(args, config)
     # Imported here so a bad flag is reported before torch is imported (~2 s).
     import torch
 
@@ -208,7 +265,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         def configure(server) -> None:
             # Registration is a ready hook too; the ready line comes after it,
             # so "ready" means "serving and discoverable".
-            hook = RegistryHook(server, args.registry, args.service or config.model_name,
+            hook = RegistryHook(server, args.registry, service,
                                 heartbeat_s=args.heartbeat_s, ttl_s=args.ttl_s)
             server.on_ready.remove(_ready)
             server.on_ready.append(_ready)
@@ -375,13 +432,18 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
         ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
     ]
+    if (args.tls_cert is None) != (args.tls_key is None):
+        # Checked before choosing plaintext: --tls-key alone must not silently mean "no TLS".
+        raise ConfigError("--tls-cert and --tls-key go together (the client certificate and its key); "
+                          f"got only {'--tls-cert' if args.tls_key is None else '--tls-key'}")
     if args.tls_ca or args.tls_cert or args.tls_server_name:
         from teacher_server.tls import channel_credentials
 
         if args.tls_server_name:
             options.append(("grpc.ssl_target_name_override", args.tls_server_name))
-        return grpc.secure_channel(args.address, channel_credentials(args.tls_ca, args.tls_cert, args.tls_key),
-                                   options=options)
+        creds = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key,
+                                    names=("--tls-ca", "--tls-cert", "--tls-key"))
+        return grpc.secure_channel(args.address, creds, options=options)
     return grpc.insecure_channel(args.address, options=options)
 
 

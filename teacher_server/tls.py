@@ -69,11 +69,18 @@ def _check_pair(cert_pem: bytes, key_pem: bytes, cert: str, key: str) -> None:
 
 
 def channel_credentials(ca: str | None = None, cert: str | None = None,
-                        key: str | None = None) -> grpc.ChannelCredentials:
-    """Client side: trust ``ca`` (None: the system roots); present ``cert``/``key`` for mutual TLS."""
+                        key: str | None = None, *,
+                        names: tuple[str, str, str] = ("tls_ca", "tls_cert", "tls_key")) -> grpc.ChannelCredentials:
+    """Client side: trust ``ca`` (None: the system roots); present ``cert``/``key`` for mutual TLS.
+
+    ``names`` are how messages call the three settings: the keyword names for
+    the library, ``("--tls-ca", "--tls-cert", "--tls-key")`` for a CLI.
+    """
+    ca_name, cert_name, key_name = names
     if (cert is None) != (key is None):
-        raise ConfigError("tls_cert and tls_key go together (the client certificate and its key)")
-    ca_pem = read_pem(ca, "tls_ca", "CERTIFICATE") if ca else None
-    cert_pem = read_pem(cert, "tls_cert", "CERTIFICATE") if cert else None
-    key_pem = read_pem(key, "tls_key", "PRIVATE KEY") if key else None
+        raise ConfigError(f"{cert_name} and {key_name} go together (the client certificate and its key); "
+                          f"got only {cert_name if key is None else key_name}")
+    ca_pem = read_pem(ca, ca_name, "CERTIFICATE") if ca else None
+    cert_pem = read_pem(cert, cert_name, "CERTIFICATE") if cert else None
+    key_pem = read_pem(key, key_name, "PRIVATE KEY") if key else None
     return grpc.ssl_channel_credentials(root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem)
