@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence, Union
 from protos import codec
 from protos.edistill.v1 import teacher_pb2 as pb
 
-from .errors import ConfigError, TeacherResponseError
+from .errors import ConfigError, TeacherRequestError, TeacherResponseError
 
 if TYPE_CHECKING:
     import torch
@@ -180,15 +180,58 @@ def output_requests(specs: Sequence[OutputSpec]) -> list[pb.OutputRequest]:
     return [s.to_proto() for s in specs]
 
 
+def _check_rows(name: str, shape: Sequence[int], batch_size: int | None) -> None:
+    if batch_size is not None and (len(shape) == 0 or shape[0] != batch_size):
+        raise codec.CodecError(
+            f"output {name!r} has {shape[0] if shape else 'no'} row(s) {list(shape)} for a batch of {batch_size}")
+
+
+def _check_top_k(name: str, spec: OutputSpec, values: "torch.Tensor", indices: "torch.Tensor",
+                 dense_shape: tuple[int, ...]) -> None:
+    """A top-k answer is consistent: shapes agree, indices are int64 within ``[0, C)``.
+
+    Checked here, so a bad answer is a TeacherResponseError naming the teacher
+    instead of a RuntimeError in the loss or a CUDA device-side assert in scatter.
+    """
+    import torch
+
+    if tuple(indices.shape) != tuple(values.shape):
+        raise codec.CodecError(
+            f"output {name!r}: indices shape {list(indices.shape)} != values shape {list(values.shape)}")
+    if indices.dtype != torch.int64:
+        raise codec.CodecError(f"output {name!r}: top-k indices must be int64, got {indices.dtype}")
+    if (len(dense_shape) != values.dim() or values.dim() == 0 or any(d < 0 for d in dense_shape)
+            or tuple(dense_shape[:-1]) != tuple(values.shape[:-1])):
+        raise codec.CodecError(
+            f"output {name!r}: dense_shape {list(dense_shape)} does not match values shape {list(values.shape)} "
+            "(same leading dims, last dim C >= k)")
+    k, c = int(values.shape[-1]), int(dense_shape[-1])
+    if k != spec.top_k or k > c:
+        raise codec.CodecError(f"output {name!r}: {k} entries per row for top_k={spec.top_k} of a last "
+                               f"dimension of {c}")
+    if indices.numel():
+        low, high = torch.aminmax(indices)
+        if int(low) < 0 or int(high) >= c:
+            raise codec.CodecError(
+                f"output {name!r}: top-k indices must be in [0, {c}), got values in [{int(low)}, {int(high)}]")
+
+
 def decode_response(resp: pb.PredictResponse, specs: Sequence[OutputSpec], *,
-                    endpoint: str | None = None, batch_id=None) -> dict[str, TeacherValue]:
+                    endpoint: str | None = None, batch_id=None,
+                    batch_size: int | None = None) -> dict[str, TeacherValue]:
     """Decode the requested outputs of ``resp`` (zero-copy views of its bytes).
 
     The returned tensors share memory with the response message; treat them as
     read-only (``clone()`` before writing in place).
 
+    Args:
+        batch_size: rows of the batch that was sent; when given, every output
+            must have exactly that many rows (dim 0).
+
     Raises:
-        TeacherResponseError: a requested output is missing or malformed.
+        TeacherResponseError: a requested output is missing or malformed (a
+            top-k answer whose dense_shape, indices or k disagree with its
+            values, indices outside ``[0, C)``, or the wrong number of rows).
     """
     by_name = {o.name: o for o in resp.outputs}
     result: dict[str, TeacherValue] = {}
@@ -206,18 +249,18 @@ def decode_response(resp: pb.PredictResponse, specs: Sequence[OutputSpec], *,
                 if not o.HasField("indices"):
                     raise codec.CodecError(f"output {spec.name!r}: top-k answer without indices")
                 indices = codec.to_torch(o.indices, what=f"output {spec.name!r} indices")
-                if tuple(indices.shape) != tuple(values.shape):
-                    raise codec.CodecError(
-                        f"output {spec.name!r}: indices shape {list(indices.shape)} != values shape "
-                        f"{list(values.shape)}")
-                result[spec.name] = TopK(values, indices, tuple(o.dense_shape),
+                dense_shape = tuple(int(d) for d in o.dense_shape)
+                _check_top_k(spec.name, spec, values, indices, dense_shape)
+                _check_rows(spec.name, dense_shape, batch_size)
+                result[spec.name] = TopK(values, indices, dense_shape,
                                          _TRANSFORM_NAMES.get(o.transform, spec.transform),
                                          float(o.temperature or spec.temperature))
             else:
+                _check_rows(spec.name, tuple(values.shape), batch_size)
                 result[spec.name] = values
         except codec.CodecError as exc:
             raise TeacherResponseError(f"teacher {endpoint} sent a malformed answer for batch {batch_id}: {exc}",
-                                       endpoint=endpoint, batch_id=batch_id) from exc
+                                       code=None, details=str(exc), endpoint=endpoint, batch_id=batch_id) from exc
     return result
 
 
@@ -226,17 +269,31 @@ def apply_spec(output: "torch.Tensor", spec: OutputSpec) -> TeacherValue:
 
     Args:
         output: ``(B, ..., C)`` floating-point model output.
+
+    Raises:
+        TeacherRequestError: (code ``INVALID_ARGUMENT``) ``top_k`` exceeds ``C``
+            or the output has no dimension besides the batch; a served teacher
+            answers such a request with INVALID_ARGUMENT and the same message.
     """
     import torch
 
     x = output.detach()
+    if spec.top_k > 0:
+        if x.dim() < 2:
+            _invalid(f"output {spec.name!r} has no dimension besides the batch; top_k needs one")
+        if spec.top_k > x.shape[-1]:
+            _invalid(f"output {spec.name!r}: top_k={spec.top_k} exceeds its last dimension ({x.shape[-1]})")
     if spec.transform != "raw":
         x = x.float() / spec.temperature
         x = torch.softmax(x, dim=-1) if spec.transform == "probs" else torch.log_softmax(x, dim=-1)
     dtype = getattr(torch, spec.dtype)
     if spec.top_k > 0:
-        k = min(spec.top_k, x.shape[-1])
-        values, indices = torch.topk(x, k, dim=-1)  # (B, ..., k), sorted descending
+        values, indices = torch.topk(x, spec.top_k, dim=-1)  # (B, ..., k), sorted descending
         return TopK(values.to(dtype), indices.to(torch.int64), tuple(x.shape), spec.transform,
                     float(spec.temperature))
     return x.to(dtype)
+
+
+def _invalid(details: str) -> None:
+    raise TeacherRequestError(f"in-process teacher rejected the request with INVALID_ARGUMENT: {details}",
+                              code="INVALID_ARGUMENT", details=details, endpoint="in-process")

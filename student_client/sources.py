@@ -26,7 +26,7 @@ import threading
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from .errors import ConfigError, SourceClosedError, StudentError
+from .errors import ConfigError, SourceClosedError, StudentError, TeacherRequestError
 from .outputs import OutputSpec, TeacherValue, apply_spec, normalize_outputs
 
 if TYPE_CHECKING:
@@ -83,7 +83,11 @@ class InProcessTeacher(KnowledgeSource):
     Useful as the baseline the service is measured against and for tests: it
     applies the same output naming and :class:`OutputSpec` transforms as a
     teacher server. ``submit`` runs the forward pass synchronously under
-    ``torch.inference_mode()`` and returns an already-resolved future.
+    ``torch.inference_mode()`` and returns an already-resolved future. A
+    failure resolves the future with a :class:`StudentError`: a request a
+    served teacher would refuse (``top_k`` larger than the output) is a
+    :class:`TeacherRequestError` with code ``INVALID_ARGUMENT``, an exception
+    from the model one with code ``INTERNAL`` and the original as ``__cause__``.
 
     Args:
         model: the teacher; called as ``model(x)`` for a single input (name
@@ -128,8 +132,20 @@ class InProcessTeacher(KnowledgeSource):
                             f"in-process teacher has no output {spec.name!r} (it has {', '.join(named)})")
                     result[spec.name] = apply_spec(named[spec.name], spec)
                 self._batches += 1
-        except Exception as exc:  # resolve the future whatever went wrong
+        except TeacherRequestError as exc:  # e.g. top_k > C: what a served teacher answers
+            exc.batch_id = batch_id
             fut.set_exception(exc)
+        except StudentError as exc:
+            fut.set_exception(exc)
+        except Exception as exc:  # resolve the future whatever went wrong, inside the StudentError tree
+            # A served teacher answers a crashing forward pass with INTERNAL; the
+            # torch exception stays available as __cause__.
+            details = f"{type(exc).__name__}: {exc}"
+            error = TeacherRequestError(
+                f"in-process teacher failed on batch {batch_id}: {details}",
+                code="INTERNAL", details=details, endpoint="in-process", batch_id=batch_id)
+            error.__cause__ = exc
+            fut.set_exception(error)
         else:
             fut.set_result(result)
         return fut
