@@ -38,9 +38,17 @@ __all__ = [
     "to_torch",
 ]
 
-# torch warns once that views of immutable bytes are not writable; decoded
-# tensors are inputs/outputs that nobody writes to, so the view is intended.
-warnings.filterwarnings("ignore", message="The given (NumPy array|buffer) is not writable")
+# torch warns (once per process) that a view of immutable bytes is not
+# writable. Here the view is intended (zero-copy decode; see to_torch), so the
+# warning is ignored -- but only when raised from this module: the filter's
+# ``module`` is matched against the module of the frame that called torch, so
+# a user's own torch.from_numpy(read-only array) still warns. One filter added
+# once at import, because warnings.catch_warnings() around each call would
+# swap the process-wide filter list under other threads. Caveat (torch's, not
+# ours): torch raises the warning only once per process, so after a decode
+# here a user's later call would not warn anyway.
+warnings.filterwarnings("ignore", message="The given (NumPy array|buffer) is not writable",
+                        category=UserWarning, module=r"protos\.codec\Z")
 
 _LITTLE = sys.byteorder == "little"
 
@@ -148,12 +156,18 @@ def encode(value: Any, out: pb.Tensor | None = None, *, name: str | None = None)
         if not isinstance(value, torch.Tensor):
             raise CodecError(f"expected a numpy array or torch tensor, got {type(value).__name__}")
         t = value.detach()
+        if t.layout != torch.strided:  # sparse COO/CSR/..., mkldnn: .numpy() would raise TypeError
+            raise CodecError(f"cannot send a tensor with layout {t.layout}; only dense (strided) tensors "
+                             "travel on the wire: call .to_dense() first")
         if t.device.type != "cpu":
             t = t.cpu()
         wire = _torch_wire_dtype(t)
         if wire == pb.BFLOAT16:
             t = t.view(torch.int16)
-        arr = t.numpy()
+        try:
+            arr = t.resolve_conj().resolve_neg().numpy()
+        except (TypeError, RuntimeError) as exc:  # e.g. a tensor subclass numpy cannot view
+            raise CodecError(f"cannot send this tensor ({type(exc).__name__}: {exc})") from None
         if not _LITTLE:
             arr = arr.astype(arr.dtype.newbyteorder("<"))
     msg.dtype = wire
@@ -190,7 +204,13 @@ def to_numpy(msg: pb.Tensor, *, what: str = "tensor", max_elements: int | None =
 
 
 def to_torch(msg: pb.Tensor, *, what: str = "tensor", max_elements: int | None = None) -> "torch.Tensor":
-    """Zero-copy torch tensor view of ``msg``. Do not write to it."""
+    """Zero-copy torch tensor view of ``msg``. Do not write to it.
+
+    torch has no read-only tensors, so the result *looks* writable, but its
+    memory is the message's immutable ``bytes``: an in-place op on it would
+    write into a Python ``bytes`` object. Clone it before handing it to code
+    that may write to its input (the teacher's batcher does, for CPU models).
+    """
     import torch
 
     arr = _checked_view(msg, what, max_elements)

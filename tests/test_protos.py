@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
 import subprocess
 import sys
 
@@ -113,3 +115,36 @@ def test_generated_code_is_up_to_date() -> None:
     proc = subprocess.run([sys.executable, "-m", "protos.generate", "--check"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --- codec: sparse tensors, warning scope --------------------------------------
+
+
+@pytest.mark.parametrize("make", [lambda t: t.to_sparse(), lambda t: t.to_sparse_csr()], ids=["coo", "csr"])
+def test_encoding_a_sparse_tensor_is_a_codec_error(make) -> None:
+    import torch
+
+    with pytest.raises(codec.CodecError, match="to_dense"):
+        codec.encode(make(torch.eye(3)), name="sparse")
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), PYTHONWARNINGS="default")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_codec_does_not_hide_torchs_not_writable_warning_from_user_code() -> None:
+    # Importing the codec used to silence this torch warning for the whole process.
+    proc = _python("import protos.codec, numpy as np, torch\n"
+                   "torch.from_numpy(np.frombuffer(b'abcd', np.uint8))\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "not writable" in proc.stderr, proc.stderr
+
+
+def test_codec_decode_itself_does_not_warn() -> None:
+    proc = _python("import numpy as np\nfrom protos import codec\n"
+                   "m = codec.encode(np.ones((2, 3), np.float32))\n"
+                   "assert codec.to_torch(m).sum().item() == 6\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "not writable" not in proc.stderr, proc.stderr

@@ -149,3 +149,33 @@ def test_queue_full_and_close_semantics() -> None:
         return (await running).outputs[0].values[0, 0].item(), (await queued).outputs[0].values[0, 0].item()
 
     assert asyncio.run(main()) == (1.0, 2.0)
+
+
+class WritesItsInput(torch.nn.Module):
+    """Adds 1000 to its input in place (some real models do), then returns it."""
+
+    edistill_inputs = [("input", "float32", (4,))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.add_(1000.0)
+        return x[:, :3]
+
+
+def test_lone_request_inputs_are_copied_so_the_request_bytes_are_never_written() -> None:
+    import numpy as np
+
+    from protos import codec
+
+    msg = codec.encode(np.arange(8, dtype=np.float32).reshape(2, 4), name="input")
+    before = bytes(msg.data)
+    view = codec.to_torch(msg)  # zero-copy view of the message's immutable bytes, as the servicer decodes
+
+    async def main():
+        b = _batcher(LoadedModel.from_module(WritesItsInput()))
+        res = await b.submit([view], RAW, 2)
+        await b.close()
+        return res
+
+    res = asyncio.run(main())
+    assert res.outputs[0].values[0].tolist() == [1000.0, 1001.0, 1002.0]
+    assert msg.data == before and view[0, 0].item() == 0.0, "the model wrote into the request's bytes"
