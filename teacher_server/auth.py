@@ -197,6 +197,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self.rejected = 0  # counter for tests and metrics (event-loop thread only)
 
     async def intercept_service(self, continuation, handler_call_details):
+        """Let a call through if it carries an accepted bearer token or is a probe; reject it otherwise.
+
+        Health and reflection stay open; every other method (``edistill.v1``
+        RPCs and unknown ones) without an accepted ``authorization: Bearer``
+        token gets a handler that answers UNAUTHENTICATED before the request
+        is parsed.
+        """
         method = handler_call_details.method or ""
         # Everything but the probe services needs a token (unknown methods too,
         # so an unauthenticated caller cannot even enumerate what exists).

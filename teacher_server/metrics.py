@@ -171,6 +171,11 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        """Wrap unary-unary handlers to count each call and its status code (streaming ones pass through).
+
+        Outermost interceptor, so calls that later interceptors reject (auth,
+        undecodable bytes) are counted too.
+        """
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_streaming or handler.response_streaming \
                 or handler.unary_unary is None:

@@ -52,6 +52,11 @@ class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
         self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
+        """Return the handler with a deserializer that turns bad bytes into INVALID_ARGUMENT.
+
+        Only unary ``edistill.v1`` methods are guarded; the guarded handler is
+        built once per method and reused.
+        """
         handler = await continuation(handler_call_details)
         method = handler_call_details.method or ""
         if (handler is None or not method.startswith(_GUARDED_PREFIX) or handler.unary_unary is None

@@ -165,6 +165,7 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         return resp
 
     async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.DescribeResponse:
+        """Model name and version, teacher id, input signature, output names and limits (no secrets)."""
         resp = pb.DescribeResponse(
             teacher_id=self.teacher_id,
             model_name=self.config.model_name,

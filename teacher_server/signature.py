@@ -97,6 +97,13 @@ class TensorSpec:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "TensorSpec":
+        """Inverse of :meth:`to_json`: ``{"name", "dtype", "shape"}`` -> spec.
+
+        Raises:
+            KeyError: a field is missing.
+            ConfigError: the dtype name is unknown.
+            ValueError: a dimension is not an integer.
+        """
         return cls(str(obj["name"]), _torch_dtype(str(obj["dtype"])), tuple(int(d) for d in obj["shape"]))
 
     def __str__(self) -> str:

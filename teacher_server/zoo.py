@@ -96,6 +96,7 @@ class LatencyTeacher(nn.Module):
         self.forward_calls = 0  # read by in-process tests
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Sleep ``delay_ms + per_sample_ms * B``, then return (B, num_classes) logits ``id + j / num_classes``."""
         self.forward_calls += 1
         # time.sleep releases the GIL and burns no CPU, like waiting on a GPU.
         time.sleep((self.delay_ms + self.per_sample_ms * x.shape[0]) / 1000.0)
