@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from ._tls import channel_credentials
 from .errors import ConfigError
 
 __all__ = ["TeacherCredentials"]
@@ -107,13 +108,7 @@ class TeacherCredentials:
         token = _TokenSource(self.auth_token, self.auth_token_file) if self.has_token else None
         creds = None
         if self.tls:
-            from teacher_server.errors import ConfigError as TeacherConfigError
-            from teacher_server.tls import channel_credentials
-
-            try:
-                creds = channel_credentials(self.tls_ca, self.tls_cert, self.tls_key)
-            except TeacherConfigError as exc:
-                raise ConfigError(str(exc)) from None
+            creds = channel_credentials(self.tls_ca, self.tls_cert, self.tls_key)  # ConfigError on bad PEM
         server_name = self.tls_server_name
 
         def factory(endpoint: str, options: Sequence[tuple[str, Any]]):
