@@ -253,6 +253,11 @@ class TeacherWatcher:
         try:
             view = fetch_service(self._client, self._service)
         except (redis_exc.RedisError, OSError) as exc:
+            error = map_redis_error(exc, self._url, "reading teachers")
+            if self._thread is None and isinstance(error, RegistryAuthError):
+                # start() raises this: no "retrying" warning for a watcher that will not retry.
+                self._outage.last_error = error
+                return
             self._outage.failed(exc, "reading teachers", "keeping the last known teachers, retrying")
             self._expiry_at = None  # unknown while Redis is away: poll_s paces the retries
             self._drop_pubsub()

@@ -128,6 +128,13 @@ class DistillReader:
                 self._device = torch.device(device)
             except (RuntimeError, TypeError) as exc:
                 raise ConfigError(f"invalid device {device!r}: {exc}") from exc
+            if self._device.type == "cuda":  # else torch fails deep inside after the first answer
+                if not torch.cuda.is_available():
+                    raise ConfigError(f"device {device!r}: CUDA is not available to this torch "
+                                      "(torch.cuda.is_available() is False); use device='cpu' or a CUDA build")
+                if self._device.index is not None and self._device.index >= torch.cuda.device_count():
+                    raise ConfigError(f"device {device!r}: there are only {torch.cuda.device_count()} CUDA "
+                                      f"device(s) (indices 0-{torch.cuda.device_count() - 1})")
             self._pin = should_pin(self._device)
         self._watcher = None
         self._registry_where: tuple[str, str] | None = None  # (url, service) for error messages
@@ -194,8 +201,12 @@ class DistillReader:
                 self._watcher = watcher_cls(registry, service, on_change=self._on_registry_change, **kwargs)
                 self._registry_where = (registry, service)
                 self._watcher.start()
-            except BaseException:
+            except BaseException as exc:
                 pool.close()
+                from registry.errors import RegistryError  # loaded already, with the watcher class
+
+                if isinstance(exc, RegistryError):  # bad URL ('local'), refused credentials: keep one tree
+                    raise ConfigError(f"DistillReader cannot use the registry: {exc}") from exc
                 raise
 
     # --------------------------------------------------------------- public

@@ -269,6 +269,7 @@ def test_watcher_start_rejects_wrong_credentials(redis_with_password, caplog):
         TeacherWatcher(wrong, SERVICE).start()
     assert "wrong-pw-456" not in str(info.value) and "wrong-pw-456" not in caplog.text
     assert "polling" not in caplog.text  # bad credentials are not "no pub/sub permission"
+    assert "retrying" not in caplog.text  # start() raises: nothing is retried
 
 
 def _plant(client, teacher_id: str, blob: bytes) -> None:
