@@ -39,6 +39,25 @@ def register(url: str, port: int = 50051, **kwargs) -> TeacherRegistration:
     return TeacherRegistration(url, SERVICE, make_record(port), **kwargs).start()
 
 
+class Counter:
+    """Counts calls of a wrapped function (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._n = 0
+        self._lock = threading.Lock()
+
+    def wrap(self, fn):
+        def counted(*args, **kwargs):
+            with self._lock:
+                self._n += 1
+            return fn(*args, **kwargs)
+        return counted
+
+    def count(self) -> int:
+        with self._lock:
+            return self._n
+
+
 class Recorder:
     """on_change callback that keeps every snapshot it was given."""
 
@@ -184,7 +203,11 @@ def test_redis_restart_teachers_reregister_and_watchers_keep_their_set(redis_ser
     assert any("registered again" in r.getMessage() for r in caplog.records)
 
 
-def test_malformed_records_are_skipped_with_a_warning(redis_server, caplog):
+def test_malformed_records_are_skipped_with_a_warning(redis_server, caplog, monkeypatch):
+    import registry.watcher as watcher_module
+
+    reads = Counter()
+    monkeypatch.setattr(watcher_module, "fetch_service", reads.wrap(watcher_module.fetch_service))
     client = connect(redis_server.url)
     now_ms = int(client.time()[0]) * 1000
     good = register(redis_server.url)
@@ -204,10 +227,9 @@ def test_malformed_records_are_skipped_with_a_warning(redis_server, caplog):
     recorder = Recorder()
     with TeacherWatcher(redis_server.url, SERVICE, on_change=recorder, poll_s=0.05):
         wait_until(lambda: recorder.latest() is not None, what="a snapshot")
-        polls = 0
-        while polls < 5:  # several polls: still one warning per bad record
-            time.sleep(0.05)
-            polls += 1
+        seen = reads.count()
+        # Five more real reads of the service: still one warning per bad record.
+        wait_until(lambda: reads.count() >= seen + 5, what="five more polls")
         assert set(recorder.endpoints()) == {"127.0.0.1:50051"}
     skipped = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "skipping teacher" in r.getMessage()]
     assert len(skipped) == len(bad)
@@ -224,10 +246,11 @@ def test_password_protected_redis_works_and_the_password_never_leaks(redis_with_
     password = "Pa55-w0rd-xyz"
     assert password in url
     recorder = Recorder()
-    with TeacherWatcher(url, SERVICE, on_change=recorder, poll_s=HEARTBEAT_S), register(url):
+    with TeacherWatcher(url, SERVICE, on_change=recorder, poll_s=HEARTBEAT_S) as watcher, register(url) as reg:
         wait_until(lambda: recorder.endpoints() == {"127.0.0.1:50051"}, what="the teacher")
         redis_with_password.kill()  # errors get logged now: they must be redacted
-        time.sleep(HEARTBEAT_S * 3)
+        wait_until(lambda: reg.last_error is not None and watcher.last_error is not None,
+                   what="both the registration and the watcher to see the outage")
         redis_with_password.start()
         wait_until(lambda: recorder.endpoints() == {"127.0.0.1:50051"} and "reachable again" in caplog.text, what="recovery")
     wrong = url.replace(password, "not-the-password-123")
