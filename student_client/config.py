@@ -63,6 +63,19 @@ class PoolConfig:
             starts at once, so a healthy teacher is used after one round trip.
             None turns the check off (teachers are used as soon as they are
             added), e.g. for a custom transport without a health service.
+        hedge_after_s: a request outstanding this long is also sent to a
+            second teacher; the first answer wins and the other call is
+            cancelled (each batch is still delivered once). It catches a
+            teacher that is frozen without its connection breaking (SIGSTOP,
+            a hung GPU driver, a blackholed host), which otherwise costs
+            ``timeout_s``. ``"auto"`` (default): max(``hedge_min_s``, 4 x the
+            teacher's p99 latency), once 8 answers give a p99 (a teacher
+            without them is compared with the others; with no answers at
+            all nothing is hedged); 4 x p99 keeps hedges to stuck teachers.
+            A number: that many seconds. None: never hedge.
+        hedge_min_s: lower bound of the auto threshold, so fast teachers are
+            not hedged on scheduling hiccups (0.5 s is far above a GC pause
+            or a loaded box's jitter, far below ``timeout_s``).
     """
 
     timeout_s: float = 30.0
@@ -76,6 +89,8 @@ class PoolConfig:
     keepalive_time_s: float | None = None
     reconnect_backoff_max_s: float = 2.0
     probe_timeout_s: float | None = 2.0
+    hedge_after_s: float | str | None = "auto"
+    hedge_min_s: float = 0.5
 
     def __post_init__(self) -> None:
         _positive("timeout_s", self.timeout_s)
@@ -92,6 +107,9 @@ class PoolConfig:
         _positive("reconnect_backoff_max_s", self.reconnect_backoff_max_s)
         if self.probe_timeout_s is not None:
             _positive("probe_timeout_s", self.probe_timeout_s)
+        if self.hedge_after_s is not None and self.hedge_after_s != "auto":
+            _positive("hedge_after_s (a number of seconds, \"auto\" or None)", self.hedge_after_s)
+        _positive("hedge_min_s", self.hedge_min_s)
         if not isinstance(self.backoff, ExponentialBackoff):
             raise ConfigError(f"backoff must be an ExponentialBackoff, got {type(self.backoff).__name__}")
 

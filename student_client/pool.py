@@ -32,6 +32,18 @@ Which gRPC codes are retried (decided here, see ``_classify``):
   INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE, NOT_FOUND,
   ALREADY_EXISTS, PERMISSION_DENIED, UNAUTHENTICATED, UNIMPLEMENTED, DATA_LOSS.
 
+Hedging (``PoolConfig.hedge_after_s``): a teacher can freeze without its
+connection breaking (SIGSTOP, a hung driver, a blackholed host); its calls
+then fail only at ``timeout_s``. The dispatcher therefore also sends a
+request that has waited longer than the hedge threshold (by default
+max(``hedge_min_s``, 4 x that teacher's p99 latency)) to one other teacher
+with a free slot. The first answer settles the batch; the other call is
+cancelled and, if it comes anyway, dropped as a late answer. The attempt that
+lost by being slow counts as a failure of its teacher (``HEDGED``), which
+opens its breaker, so a frozen teacher is not handed fresh batches. A
+failure of one of the two attempts while the other still runs is recorded
+but not re-sent (the request may be hedged again on the next tick).
+
 Liveness: whenever batches are waiting and no teacher has answered anything
 for ``wait_timeout_s``, every waiting batch fails with NoTeacherAvailableError
 naming each endpoint and its last error. Nothing waits forever.
@@ -47,7 +59,11 @@ Concurrency (read before changing anything here):
 * Work is therefore decided under the lock (a slot reserved, an ``_Attempt``
   created) and carried out after releasing it.
 * Every ``_Request`` is settled (its future resolved) exactly once, guarded by
-  ``request.settled`` under the lock. Every ``_Attempt`` finishes exactly once
+  ``request.settled`` under the lock. ``request.inflight`` lists its
+  unfinished attempts (two only while a hedge races the original); settling
+  a request withdraws the others, and a request is re-queued only when its
+  last attempt failed, so a hedge never makes a batch be sent in parallel
+  more than twice or delivered twice. Every ``_Attempt`` finishes exactly once
   (``attempt.finished``), which frees its teacher slot; an answer for a
   finished attempt is a late answer and is dropped.
 * Sends happen in the thread that makes a slot free: the submitting thread,
@@ -117,6 +133,17 @@ _SERVER_ERROR = frozenset({"INTERNAL", "UNKNOWN"})
 # wait_timeout_s watchdog (10 wakeups/s cost well under 0.1% of a core).
 _TICK_S = 0.1
 
+# Auto hedging (PoolConfig.hedge_after_s="auto"): a request is hedged once it has
+# waited max(hedge_min_s, _HEDGE_P99_FACTOR x p99) of its teacher's latency. 4x
+# the p99 is far outside a healthy teacher's tail, so hedges are rare unless a
+# teacher is stuck. The p99 needs _HEDGE_MIN_SAMPLES answers (the teacher's own,
+# else the slowest such threshold among the other teachers); with none anywhere
+# nothing is hedged and timeout_s applies. Recomputed every _HEDGE_REFRESH
+# answers (a sort of up to latency_samples floats), not per request.
+_HEDGE_P99_FACTOR = 4.0
+_HEDGE_MIN_SAMPLES = 8
+_HEDGE_REFRESH = 16
+
 
 def _classify(code_name: str) -> str:
     """``"fatal"``, ``"server_error"`` or ``"retry"`` for a gRPC status code name."""
@@ -166,8 +193,8 @@ def _rpc_code_and_details(exc: BaseException) -> tuple[str, str]:
 class _Request:
     """One batch, from submit() until its future is settled."""
 
-    __slots__ = ("seq", "batch_id", "request_id", "payload", "future", "attempt", "attempts", "failed_on",
-                 "server_errors", "settled")
+    __slots__ = ("seq", "batch_id", "request_id", "payload", "future", "inflight", "attempts", "failed_on",
+                 "server_errors", "settled", "hedged")
 
     def __init__(self, seq: int, batch_id: Any, request_id: str, payload: bytes, future: Future) -> None:
         self.seq = seq
@@ -175,11 +202,13 @@ class _Request:
         self.request_id = request_id
         self.payload = payload  # serialized PredictRequest, reused unchanged by every attempt
         self.future = future
-        self.attempt: _Attempt | None = None  # the current attempt, if any
+        # Unfinished attempts: usually 0 or 1; 2 while a hedge races a slow attempt.
+        self.inflight: list[_Attempt] = []
         self.attempts = 0
         self.failed_on: set[str] = set()  # endpoints that failed it: prefer others
         self.server_errors = 0
         self.settled = False
+        self.hedged = False  # a hedge was sent (at most one per request)
 
     def __lt__(self, other: "_Request") -> bool:  # heap order: oldest batch first
         return self.seq < other.seq
@@ -224,6 +253,8 @@ class _Teacher:
         self.failovers = 0
         self.last_error: str | None = None
         self.last_error_at: float | None = None
+        self.hedge_after_s: float | None = None  # auto threshold, recomputed every _HEDGE_REFRESH answers
+        self.hedge_basis = -1  # self.successes when hedge_after_s was computed
 
     def describe(self, now: float) -> str:
         err = "no errors"
@@ -418,7 +449,8 @@ class TeacherPool(KnowledgeSource):
                 for a in list(t.inflight):
                     self._abandon_locked(a, work)
                     t.failovers += 1
-                    self._requeue_locked(a.request)
+                    if not a.request.inflight:  # else its hedge on another teacher carries on
+                        self._requeue_locked(a.request)
                 work.close.append(t.channel)
                 logger.info("teacher %s removed (%d batches re-sent)", endpoint, t.failovers)
             for endpoint in wanted:
@@ -447,7 +479,7 @@ class TeacherPool(KnowledgeSource):
             n = self._n
             return PoolStats(submitted=n["submitted"], completed=n["completed"], failed=n["failed"],
                              cancelled=n["cancelled"], retries=n["retries"],
-                             late_answers_dropped=n["late"], teachers=teachers)
+                             late_answers_dropped=n["late"], hedges=n["hedges"], teachers=teachers)
 
     def close(self) -> None:
         """Stop the pool: pending batches fail with SourceClosedError, channels close. Idempotent."""
@@ -498,11 +530,94 @@ class TeacherPool(KnowledgeSource):
             if r.attempts:
                 t.retries += 1
             r.attempts += 1
-            r.attempt = a
+            r.inflight.append(a)
             t.outstanding += 1
             t.requests += 1
             t.inflight.add(a)
             work.starts.append(a)
+
+    def _hedge_threshold_locked(self, t: _Teacher) -> float | None:
+        """Seconds after which a request on ``t`` is hedged, or None (see _HEDGE_P99_FACTOR)."""
+        fixed = self._config.hedge_after_s
+        if fixed != "auto":
+            return fixed
+        if t.successes - t.hedge_basis >= _HEDGE_REFRESH or t.hedge_basis < 0:
+            t.hedge_basis = t.successes
+            t.hedge_after_s = None
+            if len(t.samples) >= _HEDGE_MIN_SAMPLES:
+                p99 = percentile(sorted(t.samples), 99)
+                t.hedge_after_s = max(self._config.hedge_min_s, _HEDGE_P99_FACTOR * p99)
+        if t.hedge_after_s is not None:
+            return t.hedge_after_s
+        # A teacher with too few answers (e.g. one that froze on its first batches): compare
+        # with the others; the slowest reference avoids hedging a merely slower model.
+        known = [o.hedge_after_s for o in self._teachers.values() if o.hedge_after_s is not None]
+        return max(known) if known else None
+
+    def _hedge_locked(self, now: float, work: _Work) -> None:
+        """Send a second copy of requests outstanding for longer than the hedge threshold.
+
+        Runs in the dispatcher (every _TICK_S at most). One hedge per request, to a
+        different available teacher with a free slot; the first answer settles the
+        request, the other attempt is withdrawn (_drop_siblings_locked). Queued
+        requests go first: hedges only use slots nobody is waiting for.
+        """
+        if self._config.hedge_after_s is None or self._queue:
+            return
+        limit = self._config.max_in_flight_per_teacher
+        for t in list(self._teachers.values()):
+            if not t.inflight:
+                continue
+            after = self._hedge_threshold_locked(t)
+            if after is None:
+                continue
+            for a in sorted(t.inflight, key=lambda x: x.started_at):
+                r = a.request
+                if now - a.started_at < after:
+                    break
+                if r.hedged or r.settled or len(r.inflight) > 1:
+                    continue
+                cands = [o for o in self._teachers.values()
+                         if o is not t and o.outstanding < limit and o.breaker.available(now)]
+                if r.failed_on:
+                    cands = [o for o in cands if o.endpoint not in r.failed_on] or cands
+                if not cands:
+                    return
+                o = pick(cands)
+                r.hedged = True
+                self._n["hedges"] += 1
+                logger.warning("teacher %s has not answered batch %s for %.1f s (hedge_after_s %.2f s); "
+                               "sending it to %s as well", t.endpoint, r.batch_id, now - a.started_at, after,
+                               o.endpoint)
+                self._pick_seq += 1
+                o.last_pick = self._pick_seq
+                h = _Attempt(r, o, now, o.breaker.on_send(now))
+                o.retries += 1
+                r.attempts += 1
+                r.inflight.append(h)
+                o.outstanding += 1
+                o.requests += 1
+                o.inflight.add(h)
+                work.starts.append(h)
+
+    def _drop_siblings_locked(self, r: _Request, winner: _Attempt, now: float, work: _Work) -> None:
+        """``winner`` answered ``r``: withdraw the other attempt of a hedged request.
+
+        An older attempt that lost the race is counted as a failure of its teacher
+        (it did not answer within the hedge threshold while another teacher did),
+        so a frozen teacher's breaker opens instead of it getting fresh batches that
+        each wait for a hedge; a younger one (the hedge itself) is simply dropped.
+        """
+        for other in list(r.inflight):
+            slow = other.started_at < winner.started_at
+            self._abandon_locked(other, work)
+            if slow:
+                t = other.teacher
+                t.failures["HEDGED"] += 1
+                t.failovers += 1
+                t.last_error = f"HEDGED: no answer to batch {r.batch_id} in {now - other.started_at:.1f} s"
+                t.last_error_at = now
+                t.breaker.on_failure(now, probe=other.probe)
 
     def _abandon_locked(self, a: _Attempt, work: _Work) -> None:
         """Withdraw an in-flight attempt: free its slot; its answer will be dropped."""
@@ -512,6 +627,7 @@ class TeacherPool(KnowledgeSource):
         t = a.teacher
         t.outstanding -= 1
         t.inflight.discard(a)
+        a.request.inflight.remove(a)
         t.breaker.on_abandon(probe=a.probe)
         if a.call is not None:
             work.cancel.append(a.call)
@@ -621,6 +737,7 @@ class TeacherPool(KnowledgeSource):
             t, r = a.teacher, a.request
             t.outstanding -= 1
             t.inflight.discard(a)
+            r.inflight.remove(a)
             if exc is None and not cancelled:
                 t.breaker.on_success()
                 latency = now - a.started_at
@@ -634,6 +751,7 @@ class TeacherPool(KnowledgeSource):
                     decode = True
                     r.settled = True  # decoded and resolved below, outside the lock
                     del self._live[r.seq]
+                    self._drop_siblings_locked(r, a, now, work)
             else:
                 code, details = ("CANCELLED", "cancelled") if cancelled else _rpc_code_and_details(exc)
                 t.failures[code] += 1
@@ -647,6 +765,8 @@ class TeacherPool(KnowledgeSource):
                     self._settle_locked(r, None, self._request_error(
                         f"teacher {t.endpoint} rejected batch {r.batch_id} with {code}: {details}",
                         code, details, t, r, exc), work)
+                    for other in list(r.inflight):
+                        self._abandon_locked(other, work)
                 else:
                     t.breaker.on_failure(now, probe=a.probe)
                     logger.warning("teacher %s failed batch %s with %s: %s; re-sending it", t.endpoint,
@@ -658,6 +778,12 @@ class TeacherPool(KnowledgeSource):
                             f"batch {r.batch_id} failed with a teacher-side error {r.server_errors} times "
                             f"(last: teacher {t.endpoint}, {code}: {details}); the batch may crash the "
                             "teacher model, see the teacher's log", code, details, t, r, exc), work)
+                        for other in list(r.inflight):
+                            self._abandon_locked(other, work)
+                    elif r.inflight or r.settled:  # its other attempt (hedge) still runs: wait for that
+                        r.failed_on.add(t.endpoint)
+                        t.failovers += 1
+                        r.hedged = False  # the next dispatcher tick may hedge it again elsewhere
                     else:
                         r.failed_on.add(t.endpoint)
                         t.failovers += 1
@@ -712,8 +838,8 @@ class TeacherPool(KnowledgeSource):
             self._n["cancelled"] += 1
             r.settled = True
             del self._live[r.seq]
-            if r.attempt is not None:
-                self._abandon_locked(r.attempt, work)
+            for a in list(r.inflight):
+                self._abandon_locked(a, work)
             if not self._closed:
                 self._assign_locked(time.monotonic(), work)
         self._do(work)
@@ -791,6 +917,7 @@ class TeacherPool(KnowledgeSource):
                     return
                 now = time.monotonic()
                 self._assign_locked(now, work)
+                self._hedge_locked(now, work)
                 self._expire_locked(now, work)
                 probes = self._due_probes_locked(now)
             try:

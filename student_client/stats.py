@@ -61,6 +61,8 @@ class PoolStats:
         retries: re-sends after a failure or a removed teacher.
         late_answers_dropped: answers that arrived after their batch had been
             re-sent or withdrawn (never delivered twice).
+        hedges: requests also sent to a second teacher because the first had
+            not answered within ``PoolConfig.hedge_after_s`` (first answer wins).
         teachers: per-endpoint counters, removed endpoints included.
     """
 
@@ -71,6 +73,7 @@ class PoolStats:
     retries: int
     late_answers_dropped: int
     teachers: dict[str, TeacherStats] = field(default_factory=dict)
+    hedges: int = 0
 
 
 @dataclass(frozen=True)

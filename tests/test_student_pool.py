@@ -645,3 +645,80 @@ def test_probe_timeout_none_uses_teachers_without_a_health_check(net):
         pool.close()
     with pytest.raises(ConfigError, match="probe_timeout_s"):
         PoolConfig(probe_timeout_s=0)
+
+
+# ------------------------------------------------------------- hedging
+
+
+@pytest.mark.parametrize("cancellable", [True, False])
+def test_a_teacher_that_never_answers_is_hedged_and_the_batch_delivered_once(net, cancellable):
+    net.cancellable = cancellable  # False: the frozen teacher's answer still arrives, late
+    with make_pool(net, ("a:1", "b:2"), hedge_after_s=0.2) as pool:
+        fut = pool.submit(batch([7]), batch_id="0:7")
+        (stuck,) = net.pending()
+        other = "b:2" if stuck.endpoint == "a:1" else "a:1"
+        (hedge,) = wait_for(lambda: net.pending(other), what="the hedge to the other teacher")
+        assert hedge.request.request_id == stuck.request.request_id  # the same request, sent again
+        hedge.succeed()
+        assert fut.result(timeout=5)["logits"][0, 0].item() == 7.0
+        assert stuck.cancelled() is cancellable  # the losing call is withdrawn
+        if not cancellable:
+            stuck.succeed()  # the frozen teacher wakes up: its answer is dropped
+        st = wait_for(lambda: (s := pool.stats()).late_answers_dropped == (0 if cancellable else 1) and s,
+                      what="the late answer counted")
+        assert len(net.calls) == 2
+    assert st.hedges == 1 and st.completed == 1 and st.failed == 0
+    assert st.teachers[stuck.endpoint].failures == {"HEDGED": 1}
+    assert st.teachers[stuck.endpoint].state.startswith("open")  # no fresh batches for the stuck teacher
+    assert st.teachers[other].successes == 1
+
+
+def test_hedge_answer_losing_the_race_is_dropped(net):
+    with make_pool(net, ("a:1", "b:2"), hedge_after_s=0.1) as pool:
+        fut = pool.submit(batch([3]), batch_id="0:3")
+        (slow,) = net.pending()
+        other = "b:2" if slow.endpoint == "a:1" else "a:1"
+        (hedge,) = wait_for(lambda: net.pending(other), what="the hedge")
+        slow.succeed()  # the first teacher answers after all
+        assert fut.result(timeout=5)["logits"][0, 0].item() == 3.0
+        assert hedge.cancelled()
+        st = pool.stats()
+    assert st.hedges == 1 and st.completed == 1
+    assert st.teachers[slow.endpoint].failures == {} and st.teachers[other].failures == {}
+
+
+def test_auto_hedge_waits_for_latency_samples_then_hedges_a_stuck_teacher(net):
+    with make_pool(net, ("a:1", "b:2"), hedge_min_s=0.2) as pool:  # hedge_after_s="auto"
+        fut = pool.submit(batch([1]), batch_id=1)
+        (held,) = net.pending()
+        time.sleep(0.5)  # no latency reference yet: no hedge, timeout_s applies
+        assert len(net.calls) == 1 and pool.stats().hedges == 0
+        held.succeed()
+        fut.result(timeout=5)
+        net.default = "ok"  # quick answers from every teacher give a p99 (threshold: hedge_min_s)
+        for i in range(40):
+            pool.submit(batch([i]), batch_id=f"w{i}").result(timeout=5)
+        # (a teacher with fewer than 8 answers borrows the others' threshold)
+        net.default = "hold"
+        fut = pool.submit(batch([9]), batch_id=9)
+        (stuck,) = net.pending()
+        other = "b:2" if stuck.endpoint == "a:1" else "a:1"
+        t0 = time.monotonic()
+        net.mode[other] = "ok"
+        assert fut.result(timeout=5)["logits"][0, 0].item() == 9.0  # hedged to the other teacher
+        assert time.monotonic() - t0 >= 0.15
+        st = pool.stats()
+    assert st.hedges == 1 and st.teachers[stuck.endpoint].failures == {"HEDGED": 1}
+
+
+def test_hedging_can_be_turned_off(net):
+    with make_pool(net, ("a:1", "b:2"), hedge_after_s=None) as pool:
+        pool.submit(batch([1]), batch_id=1)
+        time.sleep(0.4)
+        assert len(net.calls) == 1 and pool.stats().hedges == 0
+
+
+@pytest.mark.parametrize("value", ["soon", 0, -1.0, float("nan")])
+def test_hedge_after_s_is_validated(value):
+    with pytest.raises(ConfigError, match="hedge_after_s"):
+        PoolConfig(hedge_after_s=value)
