@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import subprocess
@@ -79,7 +80,14 @@ def test_demo_without_matplotlib_runs_and_says_where_the_plot_would_be(tmp_path)
 def test_demo_rejects_zero_seeds_or_teachers_in_one_line(flag, capsys) -> None:
     with pytest.raises(ConfigError, match=f"{flag[2:]} must be >= 1, got 0"):
         DemoConfig(**{flag[2:]: 0})
-    assert main(["demo", "--fast", "--no-progress", flag, "0"]) == 2
+    # The demo command quiets these loggers; give later tests their levels back.
+    levels = {name: logging.getLogger(name).level for name in ("student_client", "registry", "teacher_server",
+                                                                "matplotlib")}
+    try:
+        assert main(["demo", "--fast", "--no-progress", flag, "0"]) == 2
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
     err = capsys.readouterr().err.strip()
     assert err == f"edistill demo: error: {flag[2:]} must be >= 1, got 0"
 

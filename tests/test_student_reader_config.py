@@ -55,6 +55,7 @@ def test_refused_registry_credentials_are_a_config_error_without_a_retrying_log(
 
 
 def test_a_deeply_nested_registry_record_does_not_break_the_reader(redis_server, caplog):
+    caplog.set_level(logging.WARNING, logger="registry")
     client = connect(redis_server.url)
     now_ms = int(client.time()[0]) * 1000
     client.set(keys.record_key(SERVICE, "deep"), b"[" * MAX_RECORD_BYTES, px=60_000)
