@@ -121,6 +121,19 @@ class CpuTimer:
         self.cpu_s = time.process_time() - self.cpu0
 
 
+def set_affinity(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of process ``pid`` (0: this one) to ``cpus``.
+
+    ``os.sched_setaffinity(pid)`` moves only the thread whose id is ``pid``;
+    threads that already exist keep their own mask, so each one is set. New
+    threads inherit the mask of the thread that creates them.
+    """
+    tasks = f"/proc/{pid or 'self'}/task"
+    for tid in os.listdir(tasks):
+        with contextlib.suppress(ProcessLookupError, FileNotFoundError):  # a thread that just exited
+            os.sched_setaffinity(int(tid), cpus)
+
+
 def median(xs: Sequence[float]) -> float:
     s = sorted(xs)
     n = len(s)
