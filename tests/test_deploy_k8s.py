@@ -192,9 +192,13 @@ def test_registry_urls_point_at_the_redis_service() -> None:
     job = one("Job", "edistill-student")
     c = job["spec"]["template"]["spec"]["containers"][0]
     argv = c.get("command", []) + c.get("args", [])
-    assert argv[argv.index("--registry") + 1] == expected
-    service = one("ConfigMap", "edistill-teacher-config")["data"]["EDISTILL_SERVICE"]
-    assert argv[argv.index("--service") + 1] == service, "student and teachers must use one service name"
+    # The student reads the URL from its environment, never from argv (ps
+    # would show a password), and from the teachers' ConfigMap, so student
+    # and teachers use one registry and one service name.
+    assert not any("redis://" in a or "rediss://" in a for a in argv), argv
+    env = {e["name"]: e.get("valueFrom", {}).get("configMapKeyRef", {}) for e in c.get("env", [])}
+    for var in ("EDISTILL_REGISTRY", "EDISTILL_SERVICE"):
+        assert env.get(var) == {"name": "edistill-teacher-config", "key": var}, f"student {var}: {env.get(var)}"
     assert "/app/examples/train_student.py" in argv
     assert job["spec"]["template"]["spec"]["restartPolicy"] in {"Never", "OnFailure"}
 
