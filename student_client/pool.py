@@ -524,17 +524,21 @@ class TeacherPool(KnowledgeSource):
                 cands = fresh or cands
             t = pick(cands)
             heapq.heappop(queue)
-            self._pick_seq += 1
-            t.last_pick = self._pick_seq
-            a = _Attempt(r, t, now, t.breaker.on_send(now))
-            if r.attempts:
-                t.retries += 1
-            r.attempts += 1
-            r.inflight.append(a)
-            t.outstanding += 1
-            t.requests += 1
-            t.inflight.add(a)
-            work.starts.append(a)
+            self._start_attempt_locked(r, t, now, work)
+
+    def _start_attempt_locked(self, r: _Request, t: _Teacher, now: float, work: _Work) -> None:
+        """Book attempt of ``r`` on ``t``; the call itself starts outside the lock (``work.starts``)."""
+        self._pick_seq += 1
+        t.last_pick = self._pick_seq
+        a = _Attempt(r, t, now, t.breaker.on_send(now))
+        if r.attempts:  # a re-send or a hedge
+            t.retries += 1
+        r.attempts += 1
+        r.inflight.append(a)
+        t.outstanding += 1
+        t.requests += 1
+        t.inflight.add(a)
+        work.starts.append(a)
 
     def _hedge_threshold_locked(self, t: _Teacher) -> float | None:
         """Seconds after which a request on ``t`` is hedged, or None (see _HEDGE_P99_FACTOR)."""
@@ -589,16 +593,7 @@ class TeacherPool(KnowledgeSource):
                 logger.warning("teacher %s has not answered batch %s for %.1f s (hedge_after_s %.2f s); "
                                "sending it to %s as well", t.endpoint, r.batch_id, now - a.started_at, after,
                                o.endpoint)
-                self._pick_seq += 1
-                o.last_pick = self._pick_seq
-                h = _Attempt(r, o, now, o.breaker.on_send(now))
-                o.retries += 1
-                r.attempts += 1
-                r.inflight.append(h)
-                o.outstanding += 1
-                o.requests += 1
-                o.inflight.add(h)
-                work.starts.append(h)
+                self._start_attempt_locked(r, o, now, work)
 
     def _drop_siblings_locked(self, r: _Request, winner: _Attempt, now: float, work: _Work) -> None:
         """``winner`` answered ``r``: withdraw the other attempt of a hedged request.

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from student_client import (
     DistillReader,
@@ -23,23 +23,12 @@ from student_client import (
     TopK,
 )
 from tests.helpers.teacher_proc import TeacherProcess
+from tests.helpers import datasets
 
 LATENCY = "teacher_server.zoo:latency"
 
 
-class IdDataset(Dataset):
-    """Sample i: (features (4,) with column 0 = i, label i % 10), the latency teacher's input shape."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        x = torch.zeros(4)
-        x[0] = i
-        return x, i % 10
+IdDataset = datasets.IdDataset
 
 
 def start_teachers(n: int, *args: str) -> list[TeacherProcess]:

@@ -14,7 +14,7 @@ from concurrent.futures import Future
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from student_client import (
     ConfigError,
@@ -28,6 +28,7 @@ from student_client import (
 )
 from student_client.inputs import default_teacher_input, make_input_fn
 from student_client.transfer import move_outputs, should_pin
+from tests.helpers import datasets
 
 
 class ShuffledSource(KnowledgeSource):
@@ -92,19 +93,9 @@ class ShuffledSource(KnowledgeSource):
         self.thread.join(5)
 
 
-class IdDataset(Dataset):
-    """Sample i: features (4,) with column 0 = i, label i % 3."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        x = torch.zeros(4)
-        x[0] = i
-        return x, i % 3
+def IdDataset(n: int) -> datasets.IdDataset:
+    """Labels i % 3 (several samples per class in a small batch)."""
+    return datasets.IdDataset(n, num_classes=3)
 
 
 def ids_of(batch) -> list[int]:
