@@ -194,9 +194,11 @@ class _Request:
     """One batch, from submit() until its future is settled."""
 
     __slots__ = ("seq", "batch_id", "request_id", "payload", "future", "inflight", "attempts", "failed_on",
-                 "server_errors", "settled", "hedged")
+                 "server_errors", "settled", "hedged", "rows")
 
-    def __init__(self, seq: int, batch_id: Any, request_id: str, payload: bytes, future: Future) -> None:
+    def __init__(self, seq: int, batch_id: Any, request_id: str, payload: bytes, future: Future,
+                 rows: int | None = None) -> None:
+        self.rows = rows  # samples sent; every answer must have as many rows
         self.seq = seq
         self.batch_id = batch_id
         self.request_id = request_id
@@ -401,7 +403,9 @@ class TeacherPool(KnowledgeSource):
                 f"{self._config.max_message_bytes / 2**20:.0f} MiB; send smaller batches or raise "
                 "PoolConfig.max_message_bytes (and the teachers' limit)")
         fut: Future = Future()
-        req = _Request(seq, batch_id, request_id, payload, fut)
+        # Rows sent (the batch dimension shared by all inputs), checked against the answer.
+        rows = next((int(v.shape[0]) for v in inputs.values() if getattr(v, "ndim", 0) >= 1), None)
+        req = _Request(seq, batch_id, request_id, payload, fut, rows)
         work = _Work.new()
         with self._lock:
             if self._closed:
@@ -802,7 +806,8 @@ class TeacherPool(KnowledgeSource):
                 raise TeacherResponseError(
                     f"teacher {endpoint} answered request {r.request_id} with the id "
                     f"{resp.request_id!r}", endpoint=endpoint, batch_id=r.batch_id)
-            result = decode_response(resp, self._specs, endpoint=endpoint, batch_id=r.batch_id)
+            result = decode_response(resp, self._specs, endpoint=endpoint, batch_id=r.batch_id,
+                                     batch_size=r.rows)
         except StudentError as exc:
             with self._lock:
                 self._n["failed"] += 1

@@ -27,6 +27,7 @@ from student_client import (
     SourceClosedError,
     TeacherPool,
     TeacherRequestError,
+    TeacherResponseError,
     TopK,
 )
 from student_client import backoff as backoff_mod
@@ -344,6 +345,20 @@ def test_submit_resolves_to_decoded_dense_and_topk_outputs(net):
     # the request asked for exactly that output
     (req_out,) = net2.calls[0].request.outputs
     assert (req_out.name, req_out.top_k, req_out.dtype) == ("logits", 2, pb.FLOAT32)
+
+
+def test_an_answer_with_the_wrong_number_of_rows_is_a_teacher_response_error(net):
+    # A teacher that answers 3 rows for a batch of 2 would hand the loss
+    # another batch's labels' worth of soft targets; the pool refuses it.
+    with make_pool(net, ("a:1",)) as pool:
+        fut = pool.submit(batch([7, 8]), batch_id="0:0")
+        call = wait_for(lambda: net.pending("a:1"), what="the call")[0]
+        bigger = pb.PredictRequest(request_id=call.request.request_id, outputs=call.request.outputs)
+        codec.encode(torch.zeros(3, 3), bigger.inputs.add(), name="")
+        wrong = echo_response(bigger)
+        call.succeed(wrong)
+        with pytest.raises(TeacherResponseError, match="row"):
+            fut.result(timeout=5)
 
 
 def test_every_call_carries_the_deadline_and_channels_the_message_limits(net):
