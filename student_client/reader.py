@@ -47,6 +47,37 @@ __all__ = ["DistillReader"]
 logger = logging.getLogger(__name__)
 
 
+def _avoid_fork_with_grpc(loader: Any) -> None:
+    """Start a DataLoader's workers with ``forkserver`` instead of ``fork``.
+
+    The reader keeps gRPC threads busy (calls in flight, health checks) while
+    the loader forks its workers at every ``iter()``; a child forked while one
+    of those threads holds an internal gRPC/abseil lock can abort
+    ("Mutex::Fer with pending CondVar queueing": the worker dies with SIGABRT
+    and the DataLoader raises "worker exited unexpectedly"). It is rare but
+    real (seen once in five runs of the test suite). ``forkserver`` workers
+    start from a clean server process that never ran gRPC. A loader with an
+    explicit ``multiprocessing_context`` is left alone; pass one (e.g.
+    ``"spawn"``) to choose yourself. The dataset must then be picklable, as
+    it must be on macOS and Windows anyway.
+    """
+    try:
+        from torch.utils.data import DataLoader
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return
+    if not isinstance(loader, DataLoader) or loader.num_workers == 0 or loader.multiprocessing_context is not None:
+        return
+    import multiprocessing
+
+    if multiprocessing.get_start_method(allow_none=True) not in (None, "fork"):
+        return  # the process default is already spawn/forkserver
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return
+    loader.multiprocessing_context = "forkserver"
+    logger.info("DataLoader workers will start with 'forkserver' instead of 'fork': forking a process with "
+                "live gRPC threads can crash workers; pass multiprocessing_context= to the DataLoader to choose")
+
+
 class DistillReader:
     """Iterate ``(batch, teacher_outputs)`` over a data loader.
 
@@ -117,6 +148,7 @@ class DistillReader:
         if registry is None and service is not None:
             raise ConfigError("service= only makes sense with registry=; pass registry='redis://host:6379/0'")
         self._loader = loader
+        _avoid_fork_with_grpc(loader)
         self._window = window
         self._inputs_of = make_input_fn(teacher_input)
         self._device = None

@@ -299,3 +299,20 @@ def test_pinning_is_chosen_only_for_cuda_with_a_runtime(monkeypatch):
     assert should_pin(torch.device("cuda:0")) and not should_pin(torch.device("cpu"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert not should_pin(torch.device("cuda:0"))
+
+
+def test_dataloader_workers_do_not_fork_a_process_running_grpc():
+    # Forking while the pool's gRPC threads hold an internal lock can abort a
+    # worker (seen in CI); the reader moves default-fork loaders to forkserver
+    # and leaves an explicit choice alone.
+    src = InProcessTeacher(lambda x: x)
+    forked = DataLoader(IdDataset(8), batch_size=4, num_workers=1)
+    DistillReader(forked, source=src)
+    assert forked.multiprocessing_context is not None
+    assert forked.multiprocessing_context.get_start_method() == "forkserver"
+    chosen = DataLoader(IdDataset(8), batch_size=4, num_workers=1, multiprocessing_context="spawn")
+    DistillReader(chosen, source=src)
+    assert chosen.multiprocessing_context.get_start_method() == "spawn"
+    inline = DataLoader(IdDataset(8), batch_size=4)
+    DistillReader(inline, source=src)
+    assert inline.multiprocessing_context is None
