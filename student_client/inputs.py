@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["default_teacher_input", "make_input_fn"]
+__all__ = ["batch_rows", "default_teacher_input", "make_input_fn"]
 
 
 def _is_array(x: Any) -> bool:
@@ -61,3 +61,11 @@ def make_input_fn(teacher_input: Callable[[Any], Any] | None) -> Callable[[Any],
             "of named tensors")
 
     return inputs_of
+
+
+def batch_rows(inputs: Any) -> int | None:
+    """Samples in one batch: the first dimension of its (first) teacher input; None if it has none."""
+    if isinstance(inputs, dict):
+        inputs = next(iter(inputs.values()), None)
+    shape = getattr(inputs, "shape", None)
+    return int(shape[0]) if shape else None

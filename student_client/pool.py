@@ -100,6 +100,7 @@ from .errors import (
     TeacherRequestError,
     TeacherResponseError,
 )
+from .inputs import batch_rows
 from .outputs import OutputSpec, TeacherValue, decode_response, normalize_outputs, output_requests
 from .probe import HealthFactory, default_health_factory, probe_outcome, probe_request
 from .sources import KnowledgeSource
@@ -404,8 +405,7 @@ class TeacherPool(KnowledgeSource):
                 "PoolConfig.max_message_bytes (and the teachers' limit)")
         fut: Future = Future()
         # Rows sent (the batch dimension shared by all inputs), checked against the answer.
-        rows = next((int(v.shape[0]) for v in inputs.values() if getattr(v, "ndim", 0) >= 1), None)
-        req = _Request(seq, batch_id, request_id, payload, fut, rows)
+        req = _Request(seq, batch_id, request_id, payload, fut, batch_rows(inputs))
         work = _Work.new()
         with self._lock:
             if self._closed:

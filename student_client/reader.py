@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from .config import PoolConfig
 from .errors import ConfigError, NoTeacherAvailableError
-from .inputs import make_input_fn
+from .inputs import batch_rows, make_input_fn
 from .outputs import OutputSpec, TeacherValue, normalize_outputs
 from .sources import KnowledgeSource
 from .stats import ReaderStats
@@ -205,7 +205,7 @@ class DistillReader:
         if overrides:
             cfg = dataclasses.replace(cfg, **overrides)
         if registry is not None:
-            watcher_cls = self._watcher_class()
+            from registry import TeacherWatcher as watcher_cls
             if not service:
                 raise ConfigError("registry= needs service='name' (the teachers' service in the registry)")
         elif isinstance(teachers, str) or not list(teachers):
@@ -292,19 +292,6 @@ class DistillReader:
 
     # -------------------------------------------------------------- private
 
-    @staticmethod
-    def _watcher_class():
-        try:
-            from registry import TeacherWatcher  # type: ignore[attr-defined]
-        except ImportError:
-            try:
-                from registry.watcher import TeacherWatcher  # type: ignore[no-redef]
-            except ImportError as exc:
-                raise ConfigError(
-                    "registry discovery is not available in this build (registry.TeacherWatcher is missing); "
-                    "pass teachers=['host:port', ...] instead") from exc
-        return TeacherWatcher
-
     def _on_registry_change(self, snapshot) -> None:
         """Watcher thread: the live teacher set changed."""
         endpoints = list(snapshot)
@@ -386,7 +373,7 @@ class DistillReader:
                 if self._device is not None:
                     out = move_outputs(out, self._device, pin=self._pin)
                 self._batches += 1
-                self._samples += _num_samples(inputs)
+                self._samples += batch_rows(inputs) or 0
                 if progress is not None:
                     progress.batch_delivered(self._batches)
                 yield batch, out
@@ -399,14 +386,6 @@ class DistillReader:
                 self._epoch_t0 = None
             if progress is not None:
                 progress.close()
-
-
-def _num_samples(inputs: Any) -> int:
-    """Samples in one batch: the first dimension of its (first) teacher input."""
-    if isinstance(inputs, dict):
-        inputs = next(iter(inputs.values()), None)
-    shape = getattr(inputs, "shape", None)
-    return int(shape[0]) if shape else 0
 
 
 def _len_or_none(loader: Any) -> int | None:
