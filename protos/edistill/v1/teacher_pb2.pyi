@@ -124,7 +124,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("teacher_id", "model_name", "model_version", "inputs", "outputs", "max_batch_size", "device", "precision", "server_version", "max_message_bytes")
+    __slots__ = ("teacher_id", "model_name", "model_version", "inputs", "outputs", "max_batch_size", "device", "precision", "server_version", "max_message_bytes", "local_socket", "host_id")
     TEACHER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,8 @@ class DescribeResponse(_message.Message):
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
     teacher_id: str
     model_name: str
     model_version: str
@@ -145,4 +147,6 @@ class DescribeResponse(_message.Message):
     precision: str
     server_version: str
     max_message_bytes: int
-    def __init__(self, teacher_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., server_version: _Optional[str] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    local_socket: str
+    host_id: str
+    def __init__(self, teacher_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., server_version: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., local_socket: _Optional[str] = ..., host_id: _Optional[str] = ...) -> None: ...

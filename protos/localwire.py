@@ -1,0 +1,97 @@
+"""Framing and host identity for the same-host transport (``local.proto``).
+
+Both ends of the local transport use these: a frame is a 4-byte
+little-endian length followed by one serialized message, and descriptors
+passed with SCM_RIGHTS are queued in arrival order so each LocalRequest takes
+its ``fd_count`` of them when the frame is complete (the kernel delivers a
+sendmsg's descriptors with its first byte, so a frame's descriptors are
+always in the queue by the time its last byte is).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import struct
+
+__all__ = ["HEADER", "MAX_FDS_PER_FRAME", "FrameBuffer", "FrameError", "encode_frame", "host_id"]
+
+HEADER = struct.Struct("<I")
+#: Upper bound on descriptors per LocalRequest (one per input tensor at most).
+MAX_FDS_PER_FRAME = 16
+
+_BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+class FrameError(ValueError):
+    """The peer sent something that is not a valid frame sequence."""
+
+
+def host_id() -> str:
+    """``<kernel boot id>/<hostname>``: equal for two processes only on the same running machine.
+
+    The boot id changes on every boot and differs between machines; the
+    hostname separates containers that share a kernel but not a filesystem
+    (each container gets its own hostname by default), where the teacher's
+    socket path would not be reachable anyway.
+    """
+    try:
+        with open(_BOOT_ID) as f:
+            boot = f.read().strip()
+    except OSError:  # not Linux: the local transport (SCM_RIGHTS + memfd) is Linux-only
+        return ""
+    return f"{boot}/{socket.gethostname()}"
+
+
+def encode_frame(payload: bytes) -> bytes:
+    """Length-prefixed frame of one serialized message."""
+    return HEADER.pack(len(payload)) + payload
+
+
+class FrameBuffer:
+    """Reassembles frames from stream reads; keeps received descriptors in order.
+
+    Args:
+        max_frame_bytes: a larger declared length is a protocol error (the
+            peer is broken or hostile), raised as :class:`FrameError`.
+    """
+
+    def __init__(self, max_frame_bytes: int) -> None:
+        self._buf = bytearray()
+        self._fds: collections.deque[int] = collections.deque()
+        self._max = max_frame_bytes
+
+    def feed(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
+        self._buf += data
+        self._fds.extend(fds)
+
+    def frames(self):
+        """Yield each complete frame's payload (as ``bytes``)."""
+        buf = self._buf
+        pos = 0
+        while len(buf) - pos >= HEADER.size:
+            (n,) = HEADER.unpack_from(buf, pos)
+            if n > self._max:
+                raise FrameError(f"frame of {n} bytes is over the limit of {self._max}")
+            if len(buf) - pos - HEADER.size < n:
+                break
+            start = pos + HEADER.size
+            yield bytes(buf[start:start + n])
+            pos = start + n
+        if pos:
+            del buf[:pos]
+
+    def take_fds(self, n: int) -> list[int]:
+        """The next ``n`` received descriptors (the caller owns and must close them)."""
+        if n > len(self._fds):
+            raise FrameError(f"frame declares {n} descriptors but only {len(self._fds)} arrived")
+        return [self._fds.popleft() for _ in range(n)]
+
+    def close_fds(self) -> None:
+        """Close descriptors that no frame claimed (on disconnect)."""
+        while self._fds:
+            try:
+                os.close(self._fds.popleft())
+            except OSError:
+                pass
