@@ -13,6 +13,17 @@ window plus ``--batches-per-teacher`` x N batches and computes the
 steady-state rate from the delivery times after that window. Only one reader
 exists at a time, so the process CPU time is that reader's.
 
+The teachers run on this machine, so the reader uses the same-host local
+transport (:mod:`student_client.local`: a small frame over the teacher's
+Unix socket, the batch passed as shared memory). The batches are made once
+and moved to shared memory (``share_memory_()``), which is how a DataLoader
+with workers hands them over; the teacher then reads them with no copy. At
+the reference N (16) the same round also measures the reader with the
+batches in private memory (``local_copy``: one copy into a memfd per
+request), the reader over gRPC only (``grpc``: ``PoolConfig(local_transport=
+"off")``, what a student pays for teachers on other machines), and a bare
+grpcio client (below).
+
 Per measurement: one JSON line with throughput and the reader process's CPU
 time per request (``time.process_time`` of this process, which holds only the
 reader; teachers run in other processes). Summary fields:
@@ -20,19 +31,22 @@ reader; teachers run in other processes). Summary fields:
 * ``scaling_efficiency_N`` = throughput(N) / (N x throughput(1)), medians over
   rounds; target ``scaling_efficiency_16`` >= 0.9.
 * ``client_cpu_us_per_request``: reader CPU per request at N=16 (median
-  over rounds); target <= 200.
+  over rounds), local transport, batches in shared memory; target <= 200.
+  ``client_cpu_us_per_request_local_copy`` and
+  ``client_cpu_us_per_request_grpc``: the same for private-memory batches
+  and for gRPC.
 * ``grpc_floor_cpu_us_per_request``: the same measurement for a bare grpcio
   client at N=16 in the same round (same teachers, same window, same request
   rate): one channel per teacher, ``unary_unary(...).future()`` on a request
   serialized once up front, responses left as bytes; the main thread waits
   on the oldest call and re-sends, like the reader. Nothing a grpcio client
   can do costs less. ``grpc_floor_with_copy_cpu_us_per_request`` adds the
-  one copy of the batch into a fresh request that every client needs
+  one copy of the batch into a fresh request that every gRPC client needs
   (``student_client.wire.serialize_request`` per request), and
-  ``client_overhead_above_floor_us`` = reader - floor with copy: what the
-  pool and reader themselves add.
+  ``client_overhead_above_floor_us`` = reader over gRPC - floor with copy:
+  what the pool and reader themselves add to gRPC.
 
-    python bench/scale.py [--teachers 1,2,4,8,16,32] [--delay-ms 200] [--rounds 3] [--batches-per-teacher 5]
+    python bench/scale.py [--teachers 1,2,4,8,16,32] [--delay-ms 200] [--rounds 3] [--batches-per-teacher 8]
 """
 
 from __future__ import annotations
@@ -53,15 +67,41 @@ from student_client.config import PoolConfig  # noqa: E402
 from student_client.wire import serialize_request  # noqa: E402
 
 
-def _batches(batch_size: int, features: int, distinct: int = 8):
-    """Endless (B, features) float32 batches, column 0 = sample id (made once, reused)."""
+def _batches(batch_size: int, features: int, distinct: int = 8, shared: bool = False):
+    """Endless (B, features) float32 batches, column 0 = sample id (made once, reused).
+
+    ``shared``: in shared memory, as a DataLoader with workers delivers them.
+    """
     gen = torch.Generator().manual_seed(0)
     pool = []
     for i in range(distinct):
         x = torch.randn(batch_size, features, generator=gen)
         x[:, 0] = torch.arange(i * batch_size, (i + 1) * batch_size, dtype=torch.float32)
-        pool.append(x)
+        pool.append(x.share_memory_() if shared else x)
     return itertools.cycle(pool)
+
+
+def _reader_run(endpoints: list[str], batches, in_flight: int, batches_per_teacher: int,
+                config: PoolConfig | None = None) -> tuple[float, float, float, dict]:
+    """(batches/s, client CPU us per request, wall s, transports used) of one DistillReader run."""
+    n = len(endpoints)
+    with DistillReader(batches, teachers=endpoints, window=in_flight * n, timeout_s=60.0,
+                       pool_config=config) as reader:
+        it = iter(reader)
+        for _ in range(2 * in_flight * n):  # connect every channel, fill the pipeline
+            next(it)
+        k = batches_per_teacher * n
+        skip = in_flight * n
+        stamps = []
+        with CpuTimer() as t:
+            for _ in range(skip + k):
+                batch, out = next(it)
+                stamps.append(time.perf_counter())
+        transports = collections.Counter(s.transport for s in reader.stats().teachers.values())
+    assert torch.equal(out["logits"][:, 0], batch[:, 0]), "answer does not match its batch"
+    # Steady state: deliveries after the first window, whose requests
+    # were partly served before the clock started.
+    return (k - 1) / (stamps[-1] - stamps[skip]), t.cpu_s / (skip + k) * 1e6, t.wall_s, dict(transports)
 
 
 def _grpc_floor(endpoints: list[str], batches, in_flight: int, warm: int, skip: int, k: int,
@@ -126,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu_us: dict[int, list[float]] = {n: [] for n in counts}
     ref = 16 if 16 in counts else counts[-1]
     floor_us: dict[str, list[float]] = {"floor": [], "floor_with_copy": []}
+    variant_us: dict[str, list[float]] = {"local_copy": [], "grpc": []}
     with _common.teachers(max(counts), "teacher_server.zoo:latency", *serve_args) as procs:
         endpoints = [t.address for t in procs]
         for r in range(opts.rounds):
@@ -133,31 +174,27 @@ def main(argv: list[str] | None = None) -> int:
             for n in order:
                 # One reader at a time, so this process's CPU time is this reader's alone
                 # (idle pools and channels of other N would add their background wakeups).
-                with DistillReader(_batches(opts.batch_size, opts.features), teachers=endpoints[:n],
-                                   window=opts.in_flight * n, timeout_s=60.0) as reader:
-                    it = iter(reader)
-                    for _ in range(2 * opts.in_flight * n):  # connect every channel, fill the pipeline
-                        next(it)
-                    k = opts.batches_per_teacher * n
-                    skip = opts.in_flight * n
-                    stamps = []
-                    with CpuTimer() as t:
-                        for _ in range(skip + k):
-                            batch, out = next(it)
-                            stamps.append(time.perf_counter())
-                assert torch.equal(out["logits"][:, 0], batch[:, 0]), "answer does not match its batch"
-                # Steady state: deliveries after the first window, whose requests
-                # were partly served before the clock started.
-                rate = (k - 1) / (stamps[-1] - stamps[skip])
-                cpu = t.cpu_s / (skip + k) * 1e6
+                k = opts.batches_per_teacher * n
+                skip = opts.in_flight * n
+                rate, cpu, wall, transports = _reader_run(
+                    endpoints[:n], _batches(opts.batch_size, opts.features, shared=True), opts.in_flight,
+                    opts.batches_per_teacher)
                 tput[n].append(rate)
                 cpu_us[n].append(cpu)
-                emit({"round": r, "teachers": n, "batches": k, "wall_s": round(t.wall_s, 3),
+                emit({"round": r, "teachers": n, "batches": k, "wall_s": round(wall, 3),
                       "batches_per_s": round(rate, 2),
                       "ideal_batches_per_s": round(n * 1000.0 / opts.delay_ms, 2),
-                      "client_cpu_us_per_request": round(cpu, 1)})
+                      "client_cpu_us_per_request": round(cpu, 1), "transports": transports})
                 if n != ref:
                     continue
+                for mode, shared, cfg in (("local_copy", False, None),
+                                          ("grpc", True, PoolConfig(local_transport="off"))):
+                    rate, cpu, wall, transports = _reader_run(
+                        endpoints[:n], _batches(opts.batch_size, opts.features, shared=shared), opts.in_flight,
+                        opts.batches_per_teacher, cfg)
+                    variant_us[mode].append(cpu)
+                    emit({"round": r, "teachers": n, "mode": mode, "batches": k, "batches_per_s": round(rate, 2),
+                          "client_cpu_us_per_request": round(cpu, 1), "transports": transports})
                 # The bare-grpcio floor, right after the reader at the same N, rate and window.
                 for mode, copy in (("floor", False), ("floor_with_copy", True)):
                     rate, cpu = _grpc_floor(endpoints[:n], _batches(opts.batch_size, opts.features),
@@ -174,8 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     summary["client_cpu_us_per_request"] = round(median(cpu_us[ref]), 1)
     summary["grpc_floor_cpu_us_per_request"] = round(median(floor_us["floor"]), 1)
     summary["grpc_floor_with_copy_cpu_us_per_request"] = round(median(floor_us["floor_with_copy"]), 1)
+    summary["client_cpu_us_per_request_local_copy"] = round(median(variant_us["local_copy"]), 1)
+    summary["client_cpu_us_per_request_grpc"] = round(median(variant_us["grpc"]), 1)
     summary["client_overhead_above_floor_us"] = round(
-        median(cpu_us[ref]) - median(floor_us["floor_with_copy"]), 1)
+        median(variant_us["grpc"]) - median(floor_us["floor_with_copy"]), 1)
     summary["client_cpu_us_per_request_at"] = ref
     summary["client_cpu_us_per_request_by_teachers"] = {str(n): round(median(cpu_us[n]), 1) for n in counts}
     summary["targets"] = {"scaling_efficiency_16": 0.9, "client_cpu_us_per_request": 200}

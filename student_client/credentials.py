@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ._tls import channel_credentials
 from .errors import ConfigError
@@ -102,6 +102,18 @@ class TeacherCredentials:
     def has_token(self) -> bool:
         """True if a token or token file is configured."""
         return self.auth_token is not None or self.auth_token_file is not None
+
+    def token_getter(self) -> Callable[[], str | None]:
+        """``() -> the current token`` (a token file is re-read when it changes), or None without one."""
+        if not self.has_token:
+            return lambda: None
+        source = _TokenSource(self.auth_token, self.auth_token_file)
+
+        def current() -> str | None:
+            meta = source.metadata()
+            return meta[0][1].removeprefix("Bearer ") if meta else None
+
+        return current
 
     def channel_factory(self):
         """``(endpoint, options) -> channel`` for :class:`~student_client.pool.TeacherPool`."""

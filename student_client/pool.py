@@ -87,7 +87,10 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from protos import codec
+from protos.edistill.v1 import local_pb2 as lpb
 from protos.edistill.v1 import teacher_pb2 as pb
+
+from . import local as _local
 
 from .balancer import LatencyEwma, pick
 from .breaker import CircuitBreaker
@@ -105,7 +108,7 @@ from .outputs import OutputSpec, TeacherValue, decode_response, normalize_output
 from .probe import HealthFactory, default_health_factory, probe_outcome, probe_request
 from .sources import KnowledgeSource
 from .stats import PoolStats, TeacherStats, percentile
-from .wire import serialize_request
+from .wire import fast_nbytes, serialize_request
 
 if TYPE_CHECKING:
     import grpc
@@ -144,6 +147,13 @@ _TICK_S = 0.1
 _HEDGE_P99_FACTOR = 4.0
 _HEDGE_MIN_SAMPLES = 8
 _HEDGE_REFRESH = 16
+
+# Local transport (PoolConfig.local_transport): after a teacher offered no usable
+# local socket (another host, another user, refused), ask it again only this much
+# later; after a local connection broke, wait this long before a new one (the
+# teacher may be restarting; gRPC carries its batches meanwhile).
+_LOCAL_RETRY_S = 60.0
+_LOCAL_RECONNECT_S = 2.0
 
 
 def _classify(code_name: str) -> str:
@@ -195,15 +205,20 @@ class _Request:
     """One batch, from submit() until its future is settled."""
 
     __slots__ = ("seq", "batch_id", "request_id", "payload", "future", "inflight", "attempts", "failed_on",
-                 "server_errors", "settled", "hedged", "rows")
+                 "server_errors", "settled", "hedged", "rows", "inputs")
 
-    def __init__(self, seq: int, batch_id: Any, request_id: str, payload: bytes, future: Future,
-                 rows: int | None = None) -> None:
+    def __init__(self, seq: int, batch_id: Any, request_id: str, payload: bytes | None, future: Future,
+                 rows: int | None = None, inputs: Mapping[str, Any] | None = None) -> None:
         self.rows = rows  # samples sent; every answer must have as many rows
         self.seq = seq
         self.batch_id = batch_id
         self.request_id = request_id
-        self.payload = payload  # serialized PredictRequest, reused unchanged by every attempt
+        # Serialized PredictRequest, reused unchanged by every gRPC attempt; None until
+        # the first one (a batch that only goes over the local transport is never serialized).
+        self.payload = payload
+        # The input tensors: kept for the local transport (and lazy serialization) when
+        # they are tensors/arrays the fast paths carry; None otherwise.
+        self.inputs = inputs
         self.future = future
         # Unfinished attempts: usually 0 or 1; 2 while a hedge races a slow attempt.
         self.inflight: list[_Attempt] = []
@@ -258,6 +273,9 @@ class _Teacher:
         self.last_error_at: float | None = None
         self.hedge_after_s: float | None = None  # auto threshold, recomputed every _HEDGE_REFRESH answers
         self.hedge_basis = -1  # self.successes when hedge_after_s was computed
+        self.local: _local.LocalConnection | None = None  # same-host socket, once connected
+        self.local_pending = False  # a Describe/connect for the local transport is under way
+        self.local_retry_at = 0.0  # no new local attempt before this (monotonic)
 
     def describe(self, now: float) -> str:
         err = "no errors"
@@ -273,6 +291,7 @@ class _Teacher:
             failures=dict(self.failures), retries=self.retries, failovers=self.failovers,
             last_error=self.last_error, latency_ewma_s=self.latency.value_s,
             latency_p50_s=percentile(s, 50), latency_p90_s=percentile(s, 90), latency_p99_s=percentile(s, 99),
+            transport="local" if self.local is not None and not self.local.closed else "grpc",
         )
 
 
@@ -336,6 +355,7 @@ class TeacherPool(KnowledgeSource):
         self._specs = normalize_outputs(outputs)
         # field 3 of every PredictRequest, serialized once
         self._outputs_blob = pb.PredictRequest(outputs=output_requests(self._specs)).SerializeToString()
+        creds = None
         if channel_factory is None:
             from .credentials import TeacherCredentials
 
@@ -343,6 +363,11 @@ class TeacherPool(KnowledgeSource):
             channel_factory = creds.channel_factory() if creds is not None else _default_channel_factory
         elif credentials is not None:
             raise ConfigError("pass credentials= or channel_factory=, not both")
+        # Same-host teachers (see .local): the hub and its thread start with the first connection.
+        self._local_enabled = self._config.local_transport == "auto" and _local.available()
+        self._local_token = _local.token_getter(creds)
+        self._local_outputs_blob = lpb.LocalRequest(outputs=output_requests(self._specs)).SerializeToString()
+        self._hub: _local.LocalHub | None = None
         self._channel_factory = channel_factory
         self._stub_factory = stub_factory or _default_stub_factory
         self._health_factory = health_factory or default_health_factory
@@ -394,8 +419,13 @@ class TeacherPool(KnowledgeSource):
         """
         seq = next(self._seq)
         request_id = f"{self._id}-{seq}"
+        payload, kept = None, None
         try:
-            payload, size = serialize_request(request_id, inputs, self._outputs_blob)
+            size = fast_nbytes(inputs)
+            if size is None:  # not plain tensors/arrays: the codec builds (and checks) the message now
+                payload, size = serialize_request(request_id, inputs, self._outputs_blob)
+            else:  # serialized at the first gRPC attempt, if any (see _start)
+                kept = dict(inputs)
         except (codec.CodecError, AttributeError) as exc:
             raise ConfigError(f"cannot send batch {batch_id} to a teacher: {exc}") from exc
         if size > self._config.max_message_bytes:
@@ -405,7 +435,7 @@ class TeacherPool(KnowledgeSource):
                 "PoolConfig.max_message_bytes (and the teachers' limit)")
         fut: Future = Future()
         # Rows sent (the batch dimension shared by all inputs), checked against the answer.
-        req = _Request(seq, batch_id, request_id, payload, fut, batch_rows(inputs))
+        req = _Request(seq, batch_id, request_id, payload, fut, batch_rows(inputs), kept)
         work = _Work.new()
         with self._lock:
             if self._closed:
@@ -456,6 +486,8 @@ class TeacherPool(KnowledgeSource):
                     if not a.request.inflight:  # else its hedge on another teacher carries on
                         self._requeue_locked(a.request)
                 work.close.append(t.channel)
+                if t.local is not None:
+                    work.close.append(t.local)
                 logger.info("teacher %s removed (%d batches re-sent)", endpoint, t.failovers)
             for endpoint in wanted:
                 if endpoint not in self._teachers:
@@ -497,11 +529,15 @@ class TeacherPool(KnowledgeSource):
                 for a in list(t.inflight):
                     self._abandon_locked(a, work)
                 work.close.append(t.channel)
+                if t.local is not None:
+                    work.close.append(t.local)
             for r in list(self._live.values()):
                 self._settle_locked(r, None, SourceClosedError(
                     f"TeacherPool closed while batch {r.batch_id} was waiting for a teacher"), work)
             self._lock.notify_all()
         self._do(work)
+        if self._hub is not None:
+            self._hub.close()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=5.0)
 
@@ -703,8 +739,15 @@ class TeacherPool(KnowledgeSource):
                 pass
 
     def _start(self, a: _Attempt) -> None:
+        r, local = a.request, a.teacher.local
         try:
-            call = a.teacher.predict.future(a.request.payload, timeout=self._config.timeout_s)
+            if local is not None and not local.closed and r.inputs is not None:
+                call = local.predict(r.request_id, list(r.inputs.items()), self._local_outputs_blob,
+                                     self._config.timeout_s)
+            else:
+                if r.payload is None:  # first gRPC attempt of this batch (a hedge may race: same bytes)
+                    r.payload = serialize_request(r.request_id, r.inputs, self._outputs_blob)[0]
+                call = a.teacher.predict.future(r.payload, timeout=self._config.timeout_s)
         except Exception as exc:  # e.g. the channel was closed by a concurrent removal
             self._finish(a, None, exc)
             return
@@ -726,7 +769,7 @@ class TeacherPool(KnowledgeSource):
     def _finish(self, a: _Attempt, resp, exc: BaseException | None, *, cancelled: bool = False) -> None:
         now = time.monotonic()
         work = _Work.new()
-        decode = False
+        decode = local_setup = False
         with self._lock:
             if a.finished:  # re-sent or withdrawn meanwhile: drop the late outcome
                 if resp is not None:
@@ -739,6 +782,7 @@ class TeacherPool(KnowledgeSource):
             r.inflight.remove(a)
             if exc is None and not cancelled:
                 t.breaker.on_success()
+                local_setup = self._local_enabled and self._local_due_locked(t, now)
                 latency = now - a.started_at
                 t.latency.add(latency)
                 t.samples.append(latency)
@@ -792,6 +836,8 @@ class TeacherPool(KnowledgeSource):
         self._do(work)
         if decode:
             self._deliver(r, resp, t.endpoint)
+            if local_setup:
+                self._start_local(t)
 
     @staticmethod
     def _request_error(message: str, code: str, details: str, t: _Teacher, r: _Request,
@@ -886,11 +932,13 @@ class TeacherPool(KnowledgeSource):
             t.probing = False
             if self._closed or not t.live:
                 return
+            local_setup = False
             if ok:
                 t.breaker.on_health_ok()
                 t.probe_reason = None
                 logger.info("teacher %s passed its health check; sending it batches", t.endpoint)
                 self._assign_locked(now, work)
+                local_setup = self._local_enabled and self._local_due_locked(t, now)
             else:
                 t.breaker.on_health_failed(now)
                 t.last_error, t.last_error_at = f"health check failed ({reason})", now
@@ -900,6 +948,79 @@ class TeacherPool(KnowledgeSource):
                     t.endpoint, reason, max(0.0, t.breaker.open_until - now))
                 t.probe_reason = reason
         self._do(work)
+        if local_setup:
+            self._start_local(t)
+
+    # ------------------------------------------------------- local transport
+
+    def _local_due_locked(self, t: _Teacher, now: float) -> bool:
+        """Whether to (re)try the local transport with ``t`` now; marks it pending if so."""
+        if self._closed or not t.live or t.local_pending or now < t.local_retry_at:
+            return False
+        if t.local is not None:
+            if not t.local.closed:
+                return False
+            t.local = None  # it broke (teacher stopped or restarted): gRPC meanwhile
+            t.local_retry_at = now + _LOCAL_RECONNECT_S
+            return False
+        t.local_pending = True
+        return True
+
+    def _start_local(self, t: _Teacher) -> None:
+        """Ask ``t`` (over its verified channel) whether it offers a local socket; connect if so."""
+        try:
+            describe = t.channel.unary_unary("/edistill.v1.Teacher/Describe",
+                                             request_serializer=pb.DescribeRequest.SerializeToString,
+                                             response_deserializer=pb.DescribeResponse.FromString)
+            call = describe.future(pb.DescribeRequest(), timeout=self._config.probe_timeout_s or 2.0)
+        except Exception as exc:  # a custom channel without Describe: gRPC only
+            self._local_failed(t, f"Describe could not be sent ({exc})")
+            return
+        call.add_done_callback(partial(self._on_describe_done, t))
+
+    def _on_describe_done(self, t: _Teacher, call) -> None:
+        try:
+            resp = call.result()
+        except Exception as exc:
+            code, details = _rpc_code_and_details(exc)
+            self._local_failed(t, f"Describe failed ({code}: {details})")
+            return
+        if not isinstance(resp, pb.DescribeResponse) or not resp.local_socket:
+            self._local_failed(t, "it offers no local socket")
+            return
+        if not _local.same_host(resp.host_id):
+            self._local_failed(t, "it runs on another host")
+            return
+        try:
+            with self._lock:
+                if self._closed:
+                    raise ConnectionError("the pool is closed")
+                if self._hub is None:
+                    self._hub = _local.LocalHub(f"edistill-local-{self._id}")
+                hub = self._hub
+            conn = hub.connect(resp.local_socket, teacher_id=resp.teacher_id, token=self._local_token(),
+                               timeout_s=self._config.probe_timeout_s or 2.0,
+                               max_frame_bytes=self._config.max_message_bytes)
+        except Exception as exc:  # another user's socket (EACCES), refused token, teacher gone...
+            self._local_failed(t, f"cannot use its local socket {resp.local_socket} ({exc})", info=True)
+            return
+        with self._lock:
+            t.local_pending = False
+            keep = not self._closed and t.live
+            if keep:
+                t.local = conn
+        if not keep:
+            conn.close()
+            return
+        logger.info("teacher %s runs on this host: sending it batches over %s (shared memory, no copy "
+                    "through gRPC)", t.endpoint, resp.local_socket)
+
+    def _local_failed(self, t: _Teacher, why: str, *, info: bool = False) -> None:
+        with self._lock:
+            t.local_pending = False
+            t.local_retry_at = time.monotonic() + _LOCAL_RETRY_S
+        (logger.info if info else logger.debug)(
+            "teacher %s: local transport not used, %s; batches go over gRPC", t.endpoint, why)
 
     # ------------------------------------------------------------ dispatcher
 

@@ -31,6 +31,8 @@ class TeacherStats:
         retries: calls to it that were re-sends of a batch first sent elsewhere.
         failovers: batches taken away from it and re-sent (it failed or was removed).
         latency_*_s: answer latency, EWMA and percentiles of recent samples.
+        transport: ``"local"`` while batches go over the teacher's same-host
+            socket (shared memory), else ``"grpc"``.
     """
 
     endpoint: str
@@ -47,6 +49,7 @@ class TeacherStats:
     latency_p50_s: float | None
     latency_p90_s: float | None
     latency_p99_s: float | None
+    transport: str = "grpc"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import numpy as np
 from protos import codec
 from protos.edistill.v1 import teacher_pb2 as pb
 
-__all__ = ["serialize_request"]
+__all__ = ["as_wire_array", "fast_nbytes", "serialize_request"]
 
 _WIRE_OF_NP = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "int64": pb.INT64, "int32": pb.INT32,
                "uint8": pb.UINT8, "bool": pb.BOOL}
@@ -73,6 +73,32 @@ def _as_array(value: Any) -> tuple[np.ndarray, int] | None:
     if wire == pb.BFLOAT16:
         t = t.view(torch.int16)  # numpy has no bfloat16: ship the raw bits
     return np.ascontiguousarray(t.numpy()), wire
+
+
+def as_wire_array(value: Any) -> tuple[np.ndarray, int]:
+    """``(C-contiguous little-endian ndarray, wire dtype)`` of a tensor or array (no copy if contiguous).
+
+    Raises:
+        protos.codec.CodecError: a value the fast path cannot carry (see :func:`fast_nbytes`).
+    """
+    got = _as_array(value) if _FAST else None
+    if got is None:
+        raise codec.CodecError(f"cannot send a {type(value).__name__} of dtype {getattr(value, 'dtype', '?')} "
+                               "as shared memory; send a torch tensor or numpy array of a wire dtype")
+    return got
+
+
+def fast_nbytes(inputs: Mapping[str, Any]) -> int | None:
+    """Total payload bytes if every input is a tensor/array the fast paths carry, else None."""
+    if not _FAST:
+        return None
+    total = 0
+    for value in inputs.values():
+        got = _as_array(value)
+        if got is None:
+            return None
+        total += got[0].nbytes
+    return total
 
 
 def _tensor_parts(name: str, value: Any) -> tuple[list, int] | None:

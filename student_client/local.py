@@ -1,0 +1,453 @@
+"""Same-host transport: Predict over the teacher's Unix socket, tensors in shared memory.
+
+Why: on a small machine a gRPC call costs the student about 1-3 ms of CPU
+(several thread handoffs inside grpcio plus copying the batch into the
+message), which a training loop pays on every step. A teacher on the same
+machine (``DescribeResponse.local_socket`` set and ``host_id`` equal to ours)
+also listens on a Unix socket (``protos/edistill/v1/local.proto``). Here the
+request is a small frame, and the batch itself is not sent at all: the
+student passes the file descriptor of the shared memory that holds it, and
+the teacher maps it read-only.
+
+* A tensor a DataLoader worker produced already lives in shared memory
+  (PyTorch's ``file_descriptor`` sharing strategy): its storage's descriptor
+  is passed as is, zero copies.
+* Any other tensor or array is written once into a fresh sealed ``memfd``
+  (one kernel copy, no page faults in this process).
+
+One receiver thread per pool (:class:`LocalHub`) waits on every local
+connection, completes calls (done-callbacks run in it, like gRPC's callback
+thread), fails the calls of a connection that breaks with UNAVAILABLE and
+expires calls past their deadline with DEADLINE_EXCEEDED, so the pool treats
+local calls exactly like gRPC ones. Calls are :class:`LocalCall` futures with
+the ``grpc.Future`` surface the pool uses.
+
+Linux only (memfd, SCM_RIGHTS, SO_PEERCRED on the teacher); elsewhere
+:func:`available` is False and the pool keeps to gRPC.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import selectors
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, Callable, Sequence
+
+import grpc
+import numpy as np
+
+from protos.edistill.v1 import local_pb2 as lpb
+from protos.edistill.v1 import teacher_pb2 as pb
+from protos.localwire import MAX_FDS_PER_FRAME, FrameBuffer, FrameError, encode_frame, host_id
+
+from .wire import as_wire_array
+
+__all__ = ["LocalCall", "LocalConnection", "LocalHub", "LocalRpcError", "available", "same_host"]
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+_ALIGN = 64  # byte alignment of each input inside a copied memfd
+_SEALS = getattr(fcntl, "F_SEAL_SHRINK", 0x0002) | getattr(fcntl, "F_SEAL_GROW", 0x0004) | \
+    getattr(fcntl, "F_SEAL_WRITE", 0x0008) | getattr(fcntl, "F_SEAL_SEAL", 0x0001)
+_F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
+_RECV_BYTES = 1 << 20
+
+
+def available() -> bool:
+    """Whether this platform has what the local transport needs (Linux: memfd, SCM_RIGHTS)."""
+    return sys.platform.startswith("linux") and hasattr(os, "memfd_create") and hasattr(socket, "send_fds")
+
+
+_HOST_ID: str | None = None
+
+
+def same_host(teacher_host_id: str) -> bool:
+    """True if a teacher reporting ``teacher_host_id`` runs on this machine."""
+    global _HOST_ID
+    if _HOST_ID is None:
+        _HOST_ID = host_id()
+    return bool(teacher_host_id) and teacher_host_id == _HOST_ID
+
+
+class LocalRpcError(Exception):
+    """A failed local call, shaped like ``grpc.RpcError`` (``code()``, ``details()``)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+class LocalCall(Future):
+    """One local Predict call: a future resolving to a ``PredictResponse``.
+
+    Besides ``concurrent.futures.Future`` it holds what must outlive the call:
+    the input tensors whose shared memory the teacher reads.
+    """
+
+    def __init__(self, call_id: int, deadline: float | None, keep: Any) -> None:
+        super().__init__()
+        self.call_id = call_id
+        self.deadline = deadline
+        self._keep = keep
+
+    def _settle(self, result=None, exc: BaseException | None = None) -> None:
+        self._keep = None
+        if self.done():  # cancelled by the pool meanwhile
+            return
+        try:
+            if exc is not None:
+                self.set_exception(exc)
+            else:
+                self.set_result(result)
+        except Exception:  # InvalidStateError: raced with cancel()
+            pass
+
+
+def _shared_fd(value: Any) -> tuple[int, int] | None:
+    """(descriptor, byte offset) of a CPU tensor whose storage is fd-shared memory, else None."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return None
+    if not isinstance(value, torch.Tensor) or value.device.type != "cpu" or not value.is_contiguous():
+        return None
+    storage = value.untyped_storage()
+    if not storage.is_shared() or torch.multiprocessing.get_sharing_strategy() != "file_descriptor":
+        return None
+    try:
+        # For fd-shared storage (what a DataLoader worker hands over) this returns the
+        # descriptor it already holds; it does not copy.
+        fd = storage._share_fd_cpu_()[0]
+    except Exception:  # a storage shared another way (file_system strategy): copy instead
+        return None
+    return int(fd), value.storage_offset() * value.element_size()
+
+
+def _copy_to_memfd(arrays: Sequence[np.ndarray]) -> tuple[int, list[int]]:
+    """A sealed memfd holding ``arrays`` back to back (64-byte aligned) and their offsets."""
+    fd = os.memfd_create("edistill-batch", os.MFD_CLOEXEC | getattr(os, "MFD_ALLOW_SEALING", 2))
+    try:
+        offsets, pos = [], 0
+        for arr in arrays:
+            offsets.append(pos)
+            if arr.nbytes:
+                os.pwrite(fd, memoryview(arr).cast("B"), pos)
+            pos += (arr.nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
+        if pos == 0:
+            os.ftruncate(fd, _ALIGN)
+        try:  # the teacher can then trust the size it maps
+            fcntl.fcntl(fd, _F_ADD_SEALS, _SEALS)
+        except OSError:
+            pass
+        return fd, offsets
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class LocalConnection:
+    """One connection to one teacher's local socket (made by :meth:`LocalHub.connect`)."""
+
+    def __init__(self, hub: "LocalHub", sock: socket.socket, path: str, teacher_id: str,
+                 max_frame_bytes: int) -> None:
+        self._hub = hub
+        self.sock = sock
+        self.path = path
+        self.teacher_id = teacher_id
+        self._frames = FrameBuffer(max_frame_bytes)
+        self._pending: dict[int, LocalCall] = {}
+        self._lock = threading.Lock()  # _pending, _next_id, closed
+        self._send_lock = threading.Lock()  # whole frames, one sender at a time
+        self._next_id = 1
+        self.closed = False
+        self.close_reason = ""
+
+    def __repr__(self) -> str:
+        return f"LocalConnection({self.path!r}, teacher_id={self.teacher_id!r}, closed={self.closed})"
+
+    def predict(self, request_id: str, inputs: Sequence[tuple[str, Any]], outputs_blob: bytes,
+                timeout_s: float | None) -> LocalCall:
+        """Send one request; the returned call resolves to a ``PredictResponse``.
+
+        ``inputs`` are ``(name, tensor or ndarray)``; ``outputs_blob`` is the
+        serialized ``LocalRequest`` field 4 (``repeated OutputRequest``).
+        Never raises for a transport problem: the call fails instead.
+
+        Raises:
+            protos.codec.CodecError: an input of a dtype the wire cannot carry.
+        """
+        msg = lpb.LocalRequest(request_id=request_id, timeout_s=timeout_s or 0.0)
+        fds: list[int] = []
+        owned: list[int] = []  # memfds made here, closed once sent
+        copies: list[tuple[int, np.ndarray]] = []
+        for name, value in inputs:
+            arr, wire = as_wire_array(value)
+            t = msg.inputs.add(name=name, dtype=wire)
+            t.shape.extend(arr.shape)
+            shared = _shared_fd(value)
+            if shared is not None:
+                fd, offset = shared
+                if fd not in fds:
+                    fds.append(fd)
+                t.fd_index, t.offset = fds.index(fd), offset
+            else:
+                copies.append((len(msg.inputs) - 1, arr))
+        try:
+            if copies:
+                fd, offsets = _copy_to_memfd([a for _, a in copies])
+                owned.append(fd)
+                fds.append(fd)
+                for (i, _), off in zip(copies, offsets):
+                    msg.inputs[i].fd_index, msg.inputs[i].offset = len(fds) - 1, off
+            msg.fd_count = len(fds)
+            if len(fds) > MAX_FDS_PER_FRAME:
+                raise ValueError(f"{len(fds)} shared buffers in one request; at most {MAX_FDS_PER_FRAME}")
+            deadline = time.monotonic() + timeout_s if timeout_s else None
+            with self._lock:
+                call = LocalCall(self._next_id, deadline, [v for _, v in inputs])
+                self._next_id += 1
+                if not self.closed:
+                    self._pending[call.call_id] = call
+            if self.closed:
+                call._settle(exc=LocalRpcError(grpc.StatusCode.UNAVAILABLE, self._closed_text()))
+                return call
+            msg.call_id = call.call_id
+            frame = encode_frame(msg.SerializeToString() + outputs_blob)
+            try:
+                with self._send_lock:
+                    sent = socket.send_fds(self.sock, [frame], fds)
+                    if sent < len(frame):
+                        self.sock.sendall(memoryview(frame)[sent:])
+            except OSError as exc:
+                self._fail_all(f"sending to teacher {self.teacher_id} over {self.path} failed: {exc}")
+            if deadline is not None:
+                self._hub._note_deadline(deadline)
+            return call
+        finally:
+            for fd in owned:
+                os.close(fd)
+
+    def _closed_text(self) -> str:
+        return f"local connection to teacher {self.teacher_id} ({self.path}) is closed: {self.close_reason}"
+
+    # receiver thread -------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        try:
+            data = self.sock.recv(_RECV_BYTES, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fail_all(f"reading from teacher {self.teacher_id} over {self.path} failed: {exc}")
+            return
+        if not data:
+            self._fail_all(f"teacher {self.teacher_id} closed its local socket {self.path} "
+                           "(it stopped or restarted)")
+            return
+        self._frames.feed(data)
+        try:
+            for frame in self._frames.frames():
+                reply = lpb.LocalReply.FromString(frame)
+                with self._lock:
+                    call = self._pending.pop(reply.call_id, None)
+                if call is None:
+                    continue  # expired or cancelled earlier
+                if reply.code == 0:
+                    call._settle(reply.response)
+                else:
+                    code = _CODES.get(reply.code, grpc.StatusCode.UNKNOWN)
+                    call._settle(exc=LocalRpcError(code, reply.details))
+        except Exception as exc:  # FrameError, DecodeError: the stream is no longer trustworthy
+            self._fail_all(f"teacher {self.teacher_id} sent an unreadable local frame ({exc})")
+
+    def _expire(self, now: float) -> float | None:
+        """Fail calls past their deadline; return the earliest remaining deadline."""
+        expired, nxt = [], None
+        with self._lock:
+            for cid, call in list(self._pending.items()):
+                if call.done():  # cancelled by the pool: forget it
+                    del self._pending[cid]
+                elif call.deadline is not None:
+                    if call.deadline <= now:
+                        expired.append(self._pending.pop(cid))
+                    elif nxt is None or call.deadline < nxt:
+                        nxt = call.deadline
+        for call in expired:
+            call._settle(exc=LocalRpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                           f"no answer from teacher {self.teacher_id} within the deadline"))
+        return nxt
+
+    def _fail_all(self, reason: str) -> None:
+        with self._lock:
+            if not self.closed:
+                self.closed = True
+                self.close_reason = reason
+                logger.info("%s", reason)
+            calls, self._pending = list(self._pending.values()), {}
+        for call in calls:
+            call._settle(exc=LocalRpcError(grpc.StatusCode.UNAVAILABLE, reason))
+        self._hub._forget(self)
+
+    def close(self, reason: str = "closed by the student") -> None:
+        """Close the connection; unfinished calls fail with UNAVAILABLE."""
+        self._fail_all(reason)
+
+
+class LocalHub:
+    """Connections to same-host teachers and the one thread that receives their answers."""
+
+    def __init__(self, name: str = "edistill-local") -> None:
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._conns: set[LocalConnection] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._next_deadline: float | None = None
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def connect(self, path: str, *, teacher_id: str, token: str | None, timeout_s: float,
+                max_frame_bytes: int) -> LocalConnection:
+        """Connect and handshake; raises ``OSError``/``ConnectionError`` saying what failed."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(timeout_s)
+            sock.connect(path)
+            sock.sendall(encode_frame(lpb.LocalHello(version=PROTOCOL_VERSION, token=token or "")
+                                      .SerializeToString()))
+            frames = FrameBuffer(64 * 1024)
+            welcome = None
+            while welcome is None:
+                data = sock.recv(64 * 1024)
+                if not data:
+                    raise ConnectionError(f"teacher closed {path} during the handshake")
+                frames.feed(data)
+                for frame in frames.frames():
+                    welcome = lpb.LocalWelcome.FromString(frame)
+                    break
+            if welcome.code:
+                name = _CODES.get(welcome.code, grpc.StatusCode.UNKNOWN).name
+                raise ConnectionError(f"teacher refused the local connection on {path}: {name}: {welcome.details}")
+            if welcome.teacher_id != teacher_id:
+                raise ConnectionError(f"{path} is teacher {welcome.teacher_id!r}, not {teacher_id!r} "
+                                      "(the one that answered over gRPC)")
+            sock.settimeout(None)
+            conn = LocalConnection(self, sock, path, teacher_id, max_frame_bytes)
+        except (OSError, FrameError, ValueError) as exc:
+            sock.close()
+            if isinstance(exc, (ConnectionError, FrameError)):
+                raise ConnectionError(str(exc)) from None
+            raise
+        except BaseException:
+            sock.close()
+            raise
+        with self._lock:
+            if self._closed:
+                sock.close()
+                raise ConnectionError("the teacher pool is closed")
+            self._conns.add(conn)
+            self._sel.register(sock, selectors.EVENT_READ, conn)
+        self._wake()
+        return conn
+
+    def _note_deadline(self, deadline: float) -> None:
+        nxt = self._next_deadline
+        if nxt is None or deadline < nxt:
+            self._next_deadline = deadline
+            self._wake()
+
+    def _forget(self, conn: LocalConnection) -> None:
+        with self._lock:
+            if conn not in self._conns:
+                return
+            self._conns.discard(conn)
+            try:
+                self._sel.unregister(conn.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # already woken (pipe full) or closing
+
+    def _loop(self) -> None:
+        while True:
+            nxt = self._next_deadline
+            timeout = 1.0 if nxt is None else min(1.0, max(0.0, nxt - time.monotonic()))
+            try:
+                events = self._sel.select(timeout)
+            except (OSError, ValueError):  # closed under us
+                if self._closed:
+                    return
+                continue
+            if self._closed:
+                return
+            for key, _ in events:
+                if key.data is None:
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except (BlockingIOError, OSError):
+                        pass
+                else:
+                    key.data._on_readable()
+            now = time.monotonic()
+            if self._next_deadline is not None and self._next_deadline <= now or not events:
+                self._next_deadline = None
+                with self._lock:
+                    conns = list(self._conns)
+                for c in conns:
+                    d = c._expire(now)
+                    if d is not None and (self._next_deadline is None or d < self._next_deadline):
+                        self._next_deadline = d
+
+    def close(self) -> None:
+        """Close every connection (their calls fail UNAVAILABLE) and stop the thread. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            conns = list(self._conns)
+        for c in conns:
+            c.close("the teacher pool is closing")
+        with self._lock:
+            self._closed = True
+        self._wake()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5.0)
+        self._sel.close()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def token_getter(credentials) -> Callable[[], str | None]:
+    """``() -> current token`` for :class:`~student_client.credentials.TeacherCredentials` (or None)."""
+    if credentials is None or not credentials.has_token:
+        return lambda: None
+    return credentials.token_getter()
