@@ -38,6 +38,12 @@ same run, round by round:
   pessimistic emulation, since real remote teachers cost the student host
   nothing).
 
+Transport: the teachers run on this machine, so by default the reader uses
+the same-host local transport (:mod:`student_client.local`) and the batches
+are in shared memory, as a DataLoader with workers delivers them
+(``--loader shared``); ``--transport grpc`` measures the gRPC path that
+teachers on other machines get, ``--loader private`` the one-copy local path.
+
 Summary: ``ratio_vs_plain`` = c / a (target >= 0.95), ``ratio_vs_regular``
 = c / b (target >= 2.5), medians of steps/s over rounds, for the ``pinned``
 setting; ``ratio_vs_plain_shared_cores`` and ``ratio_vs_regular_shared_cores``
@@ -45,7 +51,7 @@ for ``shared``. ``--cores shared`` or ``--cores pinned`` runs one setting
 (then the plain names hold that setting's numbers).
 
     python bench/pipeline.py [--teachers 4] [--rounds 5] [--steps 30] [--teacher latency|cnn] \
-        [--cores both|pinned|shared]
+        [--cores both|pinned|shared] [--transport auto|grpc] [--loader shared|private]
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from student_client import DistillReader, InProcessTeacher  # noqa: E402
+from student_client.config import PoolConfig  # noqa: E402
 from student_client.losses import kd_loss  # noqa: E402
 from teacher_server import zoo  # noqa: E402
 
@@ -80,11 +87,18 @@ def student(width: int) -> nn.Module:
         nn.Flatten(), nn.Linear(4 * width, 10))
 
 
-def loader(batch_size: int, distinct: int = 8):
-    """Endless (images, labels) batches, made once (the loader costs the same in every mode)."""
+def loader(batch_size: int, distinct: int = 8, shared: bool = True):
+    """Endless (images, labels) batches, made once (the loader costs the same in every mode).
+
+    ``shared``: in shared memory, as a DataLoader with workers delivers them
+    (the local transport then passes them to a same-host teacher without a copy).
+    """
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randn(batch_size, 3, 32, 32, generator=gen), torch.randint(0, 10, (batch_size,), generator=gen))
                for _ in range(distinct)]
+    if shared:
+        for images, labels in batches:
+            images.share_memory_(), labels.share_memory_()
     return itertools.cycle(batches)
 
 
@@ -100,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=30, help="training steps per mode per round")
     p.add_argument("--window", type=int, default=None, help="reader window (default 2 x teachers + 2)")
+    p.add_argument("--loader", choices=("shared", "private"), default="shared",
+                   help="batches in shared memory (as DataLoader workers deliver them) or private memory")
+    p.add_argument("--transport", choices=("auto", "grpc"), default="auto",
+                   help="auto: the same-host local transport (teachers here); grpc: gRPC only, as for remote teachers")
     p.add_argument("--cores", choices=("both", "pinned", "shared"), default="both",
                    help="pinned: student on CPU 0 (1 torch thread), teachers on CPU 1; shared: no pinning")
     _common.add_env_args(p)
@@ -128,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
     net = student(opts.student_width)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    data = loader(opts.batch_size)
+    data = loader(opts.batch_size, shared=opts.loader == "shared")
 
     def step(images: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None) -> None:
         out = net(images)
@@ -167,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
               "student_width": opts.student_width, "student_step_ms": round(step_ms, 2),
               "teacher_delay_ms": delay_ms if opts.teacher == "latency" else None,
               "cnn_width": opts.cnn_width if opts.teacher == "cnn" else None, "cores": settings,
-              "student_step_ms_setting": settings[0], **_common.machine()}
+              "student_step_ms_setting": settings[0], "loader": opts.loader, "transport": opts.transport,
+              **_common.machine()}
     emit({"config": config})
 
     regular = InProcessTeacher(lambda x: local_model(send((x,))), outputs=["logits"])
@@ -176,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu_ms = {k: [] for k in rates}  # this process's CPU (all its threads) per step
     with _common.teachers(opts.teachers, spec, *serve_args) as started, \
             DistillReader(data, teachers=[t.address for t in started], window=window, teacher_input=send,
-                          timeout_s=60.0) as reader:
+                          timeout_s=60.0, pool_config=PoolConfig(local_transport="off" if opts.transport == "grpc"
+                                                                 else "auto")) as reader:
         procs.extend(started)
         service_it = iter(reader)
 
@@ -223,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"service_extra_cpu_ms_per_step{suffix}": round(
                             median(cpu_ms[setting, "service"]) - median(cpu_ms[setting, "plain"]), 2)})
     summary["ratios_measured_with"] = settings[0]
+    summary["transports_used"] = sorted({t.transport for t in reader_stats.teachers.values()})
     emit({**summary, "reader_wait_s": round(reader_stats.wait_s, 3),
           "targets": {"ratio_vs_plain": 0.95, "ratio_vs_regular": 2.5}})
     return 0
