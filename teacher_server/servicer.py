@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import grpc
 import torch
 
-from protos import codec
+from protos import codec, localwire
 from protos.edistill.v1 import teacher_pb2 as pb
 from protos.edistill.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.batcher import DynamicBatcher
@@ -24,7 +24,7 @@ from teacher_server.model import LoadedModel
 from teacher_server.signature import WIRE_OF_TORCH
 from teacher_server.transforms import plan_outputs
 
-__all__ = ["SERVER_VERSION", "TeacherServicer", "validate_inputs"]
+__all__ = ["SERVER_VERSION", "TeacherServicer", "TensorLike", "peer_limit_message", "validate_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,50 @@ except Exception:  # running from a source tree without metadata
     SERVER_VERSION = "0+unknown"
 
 
+class TensorLike(Protocol):
+    """What :func:`validate_inputs` reads of an input message (``pb.Tensor``, ``local_pb2.SharedTensor``)."""
+
+    name: str
+    dtype: int
+    shape: Sequence[int]
+
+
+def peer_limit_message(held: int, limit: int) -> str:
+    """RESOURCE_EXHAUSTED details when one connection has ``limit`` requests in flight (gRPC and local)."""
+    return (f"this connection already has {held} requests queued at this teacher "
+            f"(max_queued_per_peer {limit}); wait for answers before sending more")
+
+
+def _decode_wire(msg: pb.Tensor, label: str) -> torch.Tensor:
+    """The gRPC path's decode: a zero-copy view of the message's bytes.
+
+    The codec checks byte length against shape x itemsize (truncated data)
+    and raises ``CodecError``, which :func:`validate_inputs` answers as
+    INVALID_ARGUMENT.
+    """
+    return codec.to_torch(msg, what=label)
+
+
 def validate_inputs(
-    tensors: Sequence[pb.Tensor], model: LoadedModel, max_batch_size: int, max_elements: int | None = None
+    tensors: Sequence[TensorLike],
+    model: LoadedModel,
+    max_batch_size: int,
+    max_elements: int | None = None,
+    decode: Callable[[Any, str], torch.Tensor] = _decode_wire,
 ) -> tuple[list[torch.Tensor], int]:
     """Check a request's inputs against the signature; zero-copy decode them.
+
+    Shared by the gRPC path (``pb.Tensor``, bytes in the message) and the
+    local transport (``SharedTensor``, bytes in shared memory): the checks on
+    name, dtype, shape and batch size only read ``name``/``dtype``/``shape``,
+    so both paths answer a bad request with the same message.
+
+    Args:
+        tensors: the request's input messages (anything with ``name``,
+            ``dtype`` and ``shape``).
+        decode: ``decode(msg, label) -> tensor`` for one input whose dtype and
+            shape already passed; raises :class:`InvalidRequest` (or
+            ``codec.CodecError``) naming ``label`` when the bytes do not fit.
 
     Returns the input tensors in signature order (read-only views of the
     request's bytes) and the batch size.
@@ -88,8 +128,7 @@ def validate_inputs(
             raise InvalidRequest(f"{label}: batch of {n} exceeds this teacher's max_batch_size {max_batch_size}; "
                                  "split it into smaller requests")
         try:
-            # The codec checks byte length against shape x itemsize (truncated data).
-            out.append(codec.to_torch(msg, what=label))
+            out.append(decode(msg, label))
         except codec.CodecError as exc:
             raise InvalidRequest(str(exc)) from None
     assert batch is not None
@@ -107,6 +146,11 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         # Requests queued or computing per client connection (peer "ipv4:host:port").
         # Event-loop thread only, like the batcher's queue.
         self._per_peer: dict[str, int] = {}
+        # Same-host transport, reported by Describe: the socket's absolute
+        # path (set by TeacherServer when its LocalListener is up, "" when
+        # off) and this machine's identity (students compare it with theirs).
+        self.local_socket = ""
+        self.host_id = localwire.host_id()
 
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
         """Per-connection limit around :meth:`_predict` (SECURITY.md: limits)."""
@@ -114,9 +158,7 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         held = self._per_peer.get(peer, 0)
         if held >= self.config.max_queued_per_peer:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"this connection already has {held} requests queued at this teacher "
-                                f"(max_queued_per_peer {self.config.max_queued_per_peer}); wait for answers "
-                                "before sending more")
+                                peer_limit_message(held, self.config.max_queued_per_peer))
         self._per_peer[peer] = held + 1
         try:
             return await self._predict(request, context)
@@ -135,19 +177,47 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         if remaining is not None and remaining <= 0:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request was queued")
         try:
-            inputs, n = validate_inputs(request.inputs, self.model, self.config.max_batch_size,
-                                        self.config.max_tensor_elements)
-            plans = plan_outputs(request.outputs, self.model.outputs)
-            result = await self.batcher.submit(inputs, plans, n)
+            return await self.predict(request.request_id, request.inputs, request.outputs)
+        except RequestError as exc:
+            await context.abort(exc.code, str(exc))
+
+    async def predict(
+        self,
+        request_id: str,
+        inputs: Sequence[TensorLike],
+        outputs: Sequence[pb.OutputRequest],
+        *,
+        decode: Callable[[Any, str], torch.Tensor] = _decode_wire,
+        method: str = "Predict",
+    ) -> pb.PredictResponse:
+        """Validate, batch and answer one request: the part shared by gRPC ``Predict`` and the local transport.
+
+        Both paths therefore give identical answers (request id echoed,
+        teacher id, model name and version, batch size, queue and compute
+        times, outputs) and identical errors.
+
+        Args:
+            inputs: input messages; ``decode`` turns one into a tensor (see
+                :func:`validate_inputs`).
+            method: names the path in log lines.
+
+        Raises:
+            RequestError: what to answer instead (its ``code`` and message).
+        """
+        try:
+            tensors, n = validate_inputs(inputs, self.model, self.config.max_batch_size,
+                                         self.config.max_tensor_elements, decode)
+            plans = plan_outputs(outputs, self.model.outputs)
+            result = await self.batcher.submit(tensors, plans, n)
         except RequestError as exc:
             # Client faults and overload are answered, not logged: a flood of
             # them must not become a flood of log lines. request_id is the
             # client's text, hence %r (no forged log lines).
             if exc.code not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
-                log.warning("Predict %r: %s: %s", request.request_id[:64], exc.code.name, exc)
-            await context.abort(exc.code, str(exc))
+                log.warning("%s %r: %s: %s", method, request_id[:64], exc.code.name, exc)
+            raise
         resp = pb.PredictResponse(
-            request_id=request.request_id,
+            request_id=request_id,
             teacher_id=self.teacher_id,
             model_name=self.config.model_name,
             model_version=self.config.model_version,
@@ -175,6 +245,8 @@ class TeacherServicer(pb_grpc.TeacherServicer):
             precision=self.config.precision,
             server_version=SERVER_VERSION,
             max_message_bytes=self.config.max_message_bytes,
+            local_socket=self.local_socket,
+            host_id=self.host_id,
         )
         for spec in self.model.inputs:
             spec.to_proto(resp.inputs.add())
