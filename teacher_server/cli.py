@@ -89,6 +89,12 @@ def add_teacher_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heartbeat-s", type=float, default=1.0, help="registry heartbeat period (default: 1.0)")
     p.add_argument("--ttl-s", type=float, default=3.0,
                    help="seconds without heartbeat before the registry drops this teacher (default: 3.0)")
+    p.add_argument("--local-socket", default=_defaults.local_socket, metavar="auto|off|PATH",
+                   help="same-host fast path: a Unix socket students on this machine use instead of gRPC, "
+                        "tensor bytes passed as shared memory; only this user's processes may connect. "
+                        "'auto' (default): teacher-<id>.sock in $EDISTILL_RUNTIME_DIR, else "
+                        "$XDG_RUNTIME_DIR/edistill, else <tmp>/edistill-<uid> (a 0700 directory), skipped "
+                        "with a warning when unusable; a PATH: exactly there; 'off': gRPC only")
     _add_security_flags(p)
     p.set_defaults(func=cmd_serve)
     apply_env_defaults(p, names=SERVE_ENV_NAMES)
@@ -239,6 +245,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls_ca=args.tls_ca,
         max_tensor_elements=args.max_tensor_elements,
         max_queued_per_peer=args.max_queued_per_peer,
+        local_socket=args.local_socket,
     )
     service = _preflight(args, config)
     # Imported here so a bad flag is reported before torch is imported (~2 s).

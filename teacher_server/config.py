@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 
 from teacher_server.errors import ConfigError
 
-__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "PRECISIONS", "TeacherConfig"]
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "LOCAL_SOCKET_OFF", "MAX_UNIX_PATH_BYTES", "PRECISIONS", "TeacherConfig"]
 
 #: gRPC message limit set explicitly on servers and channels. The gRPC default
 #: of 4 MiB holds only ~5 ImageNet images at float32; 256 MiB holds a batch of
@@ -17,6 +18,13 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 #: ``precision`` values: fp32 runs as is; fp16/bf16 run under torch.autocast.
 PRECISIONS = ("fp32", "fp16", "bf16")
+
+#: ``local_socket`` values that turn the same-host transport off.
+LOCAL_SOCKET_OFF = ("off", "none", "")
+
+#: Longest filesystem path an AF_UNIX socket can bind on Linux (``sun_path``
+#: holds 108 bytes including the terminating NUL).
+MAX_UNIX_PATH_BYTES = 107
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
@@ -89,6 +97,16 @@ class TeacherConfig:
     # beyond it RESOURCE_EXHAUSTED, so one flooding client cannot fill the
     # whole queue. 64 is 16x what a student pool sends by default (4).
     max_queued_per_peer: int = 64
+    # --- same-host transport (protos/edistill/v1/local.proto, teacher_server/local.py) ---
+    # Unix socket a student on this machine may use instead of gRPC (tensor
+    # bytes passed as shared-memory descriptors, no copy through the socket).
+    # "auto": <runtime dir>/teacher-<teacher_id>.sock, in a 0700 directory of
+    # this user ($EDISTILL_RUNTIME_DIR, else $XDG_RUNTIME_DIR/edistill, else
+    # <tmp>/edistill-<uid>); on by default because only this user's processes
+    # can connect, and when that directory is unusable the teacher serves gRPC
+    # only (with a warning). A path: exactly there (errors stop the server).
+    # "off" (or "none", ""): no local socket.
+    local_socket: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -134,11 +152,31 @@ class TeacherConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+        if not isinstance(self.local_socket, str):
+            raise ConfigError(f"local_socket must be 'auto', 'off' or a path, got {self.local_socket!r}")
+        keyword = self.local_socket.strip().lower()
+        if keyword in LOCAL_SOCKET_OFF:
+            self.local_socket = "off"
+        elif keyword == "auto":
+            self.local_socket = "auto"
+        else:
+            if "\0" in self.local_socket:
+                raise ConfigError(f"local_socket path must not contain NUL characters, got {self.local_socket!r}")
+            n = len(os.fsencode(os.path.abspath(self.local_socket)))
+            if n > MAX_UNIX_PATH_BYTES:
+                raise ConfigError(f"local_socket path {self.local_socket!r} is {n} bytes as an absolute path, over "
+                                  f"the {MAX_UNIX_PATH_BYTES}-byte limit of Unix socket paths; choose a shorter "
+                                  "path, 'auto' or 'off'")
 
     @property
     def auth_enabled(self) -> bool:
         """True when Teacher RPCs require a bearer token."""
         return bool(self.auth_token_file or self.auth_tokens)
+
+    @property
+    def local_socket_enabled(self) -> bool:
+        """False when ``local_socket`` is ``"off"`` (the same-host transport is not offered)."""
+        return self.local_socket != "off"
 
     @property
     def bind_address(self) -> str:

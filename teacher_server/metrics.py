@@ -11,8 +11,9 @@ counters):
 name                                    type       what
 ======================================  =========  ==============================================
 edistill_teacher_requests_total         counter    finished unary RPCs by ``method`` (``Predict``,
-                                                   ``Describe``, ``Check``) and gRPC ``code``
-                                                   (``OK``, ``INVALID_ARGUMENT``,
+                                                   ``Describe``, ``Check``; ``LocalPredict`` for
+                                                   requests over the same-host socket) and gRPC
+                                                   ``code`` (``OK``, ``INVALID_ARGUMENT``,
                                                    ``RESOURCE_EXHAUSTED``, ...)
 edistill_teacher_samples_total          counter    samples answered (rows of successful forward
                                                    passes)
@@ -21,7 +22,8 @@ edistill_teacher_batch_size             histogram  samples per forward pass
 edistill_teacher_queue_seconds          histogram  per request: time from arrival in the batcher
                                                    to the start of its forward pass
 edistill_teacher_compute_seconds        histogram  per forward pass: concat, forward, split
-edistill_teacher_in_flight_requests     gauge      unary RPCs being handled right now
+edistill_teacher_in_flight_requests     gauge      unary RPCs and local requests being handled
+                                                   right now
 edistill_teacher_queue_depth            gauge      requests waiting for a batch slot
 edistill_teacher_model_load_seconds     gauge      time to load and warm up the model
 edistill_teacher_build_info             gauge      always 1; labels ``version``, ``model``,
@@ -30,7 +32,9 @@ edistill_teacher_build_info             gauge      always 1; labels ``version``,
 
 Requests are counted by a grpc.aio server interceptor
 (:meth:`TeacherMetrics.interceptor`) that wraps unary handlers; streaming
-RPCs (health ``Watch``, reflection) pass through uncounted. Batches are
+RPCs (health ``Watch``, reflection) pass through uncounted. Requests over the
+same-host socket are counted by :class:`teacher_server.local.LocalListener`
+(a refused LocalHello is not a request and is not counted). Batches are
 counted by a :class:`~teacher_server.batcher.DynamicBatcher` listener.
 
 Concurrency: counters are updated on the server's event loop (interceptor
@@ -99,7 +103,7 @@ class TeacherMetrics:
                                 ("version", "model", "model_version", "device", "precision"), registry=r)
         self.build_info.labels(version, model_name, model_version, device, precision).set(1)
         # Pre-create the common series so dashboards see zeros, not gaps.
-        for method in ("Predict", "Describe"):
+        for method in ("Predict", "Describe", "LocalPredict"):
             self.requests.labels(method, "OK")
         for outcome in ("ok", "failed"):
             self.batches.labels(outcome)

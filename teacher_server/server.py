@@ -36,6 +36,7 @@ from teacher_server.batcher import DynamicBatcher
 from teacher_server.config import TeacherConfig
 from teacher_server.auth import AuthInterceptor, TokenSet
 from teacher_server.errors import ConfigError
+from teacher_server.local import LocalListener, resolve_socket_path
 from teacher_server.metrics import TeacherMetrics
 from teacher_server.model import LoadedModel
 from teacher_server.security import DecodeGuardInterceptor
@@ -93,6 +94,8 @@ class TeacherServer:
         self.port: int | None = None
         self.batcher: DynamicBatcher | None = None
         self.health = health_aio.HealthServicer()
+        # The same-host transport's socket (teacher_server.local), when offered.
+        self.local: LocalListener | None = None
         self._server: grpc.aio.Server | None = None
         self._stopping: asyncio.Task | None = None
 
@@ -103,8 +106,13 @@ class TeacherServer:
             raise RuntimeError("server not started")
         return advertised_address(self.config, self.port)
 
+    @property
+    def local_socket(self) -> str | None:
+        """Absolute path of the same-host transport's Unix socket; None when not offered."""
+        return None if self.local is None else self.local.path
+
     async def start(self) -> int:
-        """Bind, start serving, mark SERVING, run ``on_ready`` hooks; return the port."""
+        """Bind, start serving (gRPC and the local socket), mark SERVING, run ``on_ready`` hooks; return the port."""
         cfg = self.config
         if cfg.torch_threads is not None:
             torch.set_num_threads(cfg.torch_threads)
@@ -118,8 +126,8 @@ class TeacherServer:
             self.metrics.attach(self.batcher)
             interceptors.insert(0, self.metrics.interceptor())
         server = grpc.aio.server(options=_server_options(cfg), interceptors=interceptors or None)
-        pb_grpc.add_TeacherServicer_to_server(
-            TeacherServicer(cfg, self.model, self.batcher, self.teacher_id), server)
+        servicer = TeacherServicer(cfg, self.model, self.batcher, self.teacher_id)
+        pb_grpc.add_TeacherServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -136,6 +144,12 @@ class TeacherServer:
         self._server = server
         self.port = port
         self.batcher.start()
+        try:
+            # Before gRPC starts, so every Describe answer names the socket.
+            self._start_local(servicer)
+        except BaseException:
+            await self.stop(grace_s=0)
+            raise
         await server.start()
         if self.metrics is not None:
             try:
@@ -158,6 +172,29 @@ class TeacherServer:
             await self.stop(grace_s=0)
             raise
         return port
+
+    def _start_local(self, servicer: TeacherServicer) -> None:
+        """Open the same-host transport's socket (``config.local_socket``) and tell Describe about it.
+
+        With ``"auto"`` a socket that cannot be opened is logged and skipped
+        (gRPC still serves); an explicit path that cannot be used is a
+        ConfigError.
+        """
+        path = resolve_socket_path(self.config.local_socket, self.teacher_id)
+        if path is None:
+            return
+        auth = getattr(self, "auth", None)
+        listener = LocalListener(path, servicer, tokens=None if auth is None else auth.tokens, metrics=self.metrics)
+        try:
+            listener.start()
+        except ConfigError as exc:
+            if self.config.local_socket != "auto":
+                raise
+            log.warning("same-host transport off: %s (students on this machine use gRPC)", exc)
+            return
+        self.local = listener
+        servicer.local_socket = path
+        log.info("teacher %s local socket %s", self.teacher_id, path)
 
     def _security_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         """The bearer-token check, then the decode guard (SECURITY.md); innermost, after metrics."""
@@ -185,16 +222,25 @@ class TeacherServer:
         log.info("teacher %s draining (grace %.1fs)", self.teacher_id, grace_s)
         # Load balancers and health probes see NOT_SERVING before we stop accepting.
         await self.health.enter_graceful_shutdown()
+        if self.local is not None:
+            # Same moment for the local socket: no new connections. Like gRPC,
+            # open connections are served until the drain below starts.
+            self.local.stop_accepting()
         if self.port is not None:
             for hook in self.on_drain:
                 try:
                     await _call(hook, self.address)
                 except Exception:
                     log.exception("drain hook %r failed; draining anyway", hook)
+        # gRPC refuses new RPCs at once; in-flight handlers (gRPC and local)
+        # finish while the batcher keeps running, or are cancelled after
+        # grace_s. Both drain side by side, so grace_s bounds the pair.
+        drains = []
         if self._server is not None:
-            # Refuses new RPCs at once; in-flight handlers finish (the batcher
-            # keeps running) or are cancelled after grace_s.
-            await self._server.stop(grace_s)
+            drains.append(self._server.stop(grace_s))
+        if self.local is not None:
+            drains.append(self.local.drain(grace_s))
+        await asyncio.gather(*drains)
         if self.batcher is not None:
             await self.batcher.close()
         if self.metrics is not None:

@@ -191,6 +191,7 @@ FLAG_SAMPLES: dict[str, tuple[str, object]] = {
     "--tls-ca": ("/tls/clients-ca.pem", "/tls/clients-ca.pem"),
     "--max-tensor-elements": ("1000", 1000),
     "--max-queued-per-peer": ("5", 5),
+    "--local-socket": ("off", "off"),
 }
 # Repeatable flags: items separated by ';'.
 LIST_SAMPLES: dict[str, tuple[str, list[str]]] = {
