@@ -231,6 +231,10 @@ class _Request:
     def __lt__(self, other: "_Request") -> bool:  # heap order: oldest batch first
         return self.seq < other.seq
 
+    def release(self) -> None:
+        """Drop the batch once settled (the caller's future still refers to this request)."""
+        self.inputs = self.payload = None
+
 
 class _Attempt:
     """One Predict call of one request on one teacher."""
@@ -676,6 +680,7 @@ class TeacherPool(KnowledgeSource):
         if r.settled:
             return
         r.settled = True
+        r.release()
         del self._live[r.seq]
         if exc is not None:
             self._n["failed"] += 1
@@ -741,13 +746,16 @@ class TeacherPool(KnowledgeSource):
     def _start(self, a: _Attempt) -> None:
         r, local = a.request, a.teacher.local
         try:
-            if local is not None and not local.closed and r.inputs is not None:
-                call = local.predict(r.request_id, list(r.inputs.items()), self._local_outputs_blob,
+            inputs, payload = r.inputs, r.payload  # None, None: settled (released) meanwhile
+            if inputs is None and payload is None:
+                raise LookupError(f"batch {r.batch_id} was settled before this attempt started")
+            if local is not None and not local.closed and inputs is not None:
+                call = local.predict(r.request_id, list(inputs.items()), self._local_outputs_blob,
                                      self._config.timeout_s)
             else:
-                if r.payload is None:  # first gRPC attempt of this batch (a hedge may race: same bytes)
-                    r.payload = serialize_request(r.request_id, r.inputs, self._outputs_blob)[0]
-                call = a.teacher.predict.future(r.payload, timeout=self._config.timeout_s)
+                if payload is None:  # first gRPC attempt of this batch (a hedge may race: same bytes)
+                    payload = r.payload = serialize_request(r.request_id, inputs, self._outputs_blob)[0]
+                call = a.teacher.predict.future(payload, timeout=self._config.timeout_s)
         except Exception as exc:  # e.g. the channel was closed by a concurrent removal
             self._finish(a, None, exc)
             return
@@ -793,6 +801,7 @@ class TeacherPool(KnowledgeSource):
                 else:
                     decode = True
                     r.settled = True  # decoded and resolved below, outside the lock
+                    r.release()
                     del self._live[r.seq]
                     self._drop_siblings_locked(r, a, now, work)
             else:
@@ -883,6 +892,7 @@ class TeacherPool(KnowledgeSource):
                 return
             self._n["cancelled"] += 1
             r.settled = True
+            r.release()
             del self._live[r.seq]
             for a in list(r.inflight):
                 self._abandon_locked(a, work)
