@@ -648,10 +648,10 @@ def _connect_as(uid: int, path: str) -> str:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.settimeout(TIMEOUT_S)
             s.connect(path)
-            s.sendall(localwire.encode_frame(local_pb2.LocalHello(version=1).SerializeToString()))
-            try:
+            try:  # the teacher may hang up before the hello is even written
+                s.sendall(localwire.encode_frame(local_pb2.LocalHello(version=1).SerializeToString()))
                 result = b"ANSWERED" if s.recv(100) else b"EOF"
-            except ConnectionResetError:
+            except (ConnectionResetError, BrokenPipeError):
                 result = b"EOF"
         except BaseException as exc:  # noqa: B036 -- reported to the parent
             result = f"ERROR {exc!r}".encode()
