@@ -46,7 +46,7 @@ from protos.edistill.v1 import local_pb2 as lpb
 from protos.edistill.v1 import teacher_pb2 as pb
 from protos.localwire import MAX_FDS_PER_FRAME, FrameBuffer, FrameError, encode_frame, host_id
 
-from .wire import as_wire_array
+from .wire import as_wire_array, torch_wire_dtype
 
 __all__ = ["LocalCall", "LocalConnection", "LocalHub", "LocalRpcError", "available", "same_host"]
 
@@ -198,16 +198,18 @@ class LocalConnection:
         owned: list[int] = []  # memfds made here, closed once sent
         copies: list[tuple[int, np.ndarray]] = []
         for name, value in inputs:
-            arr, wire = as_wire_array(value)
-            t = msg.inputs.add(name=name, dtype=wire)
-            t.shape.extend(arr.shape)
-            shared = _shared_fd(value)
-            if shared is not None:
+            wire = torch_wire_dtype(value)
+            shared = _shared_fd(value) if wire is not None else None
+            if shared is not None:  # zero copy: the teacher maps this very memory
                 fd, offset = shared
                 if fd not in fds:
                     fds.append(fd)
-                t.fd_index, t.offset = fds.index(fd), offset
+                t = msg.inputs.add(name=name, dtype=wire, fd_index=fds.index(fd), offset=offset)
+                t.shape.extend(value.shape)
             else:
+                arr, wire = as_wire_array(value)
+                t = msg.inputs.add(name=name, dtype=wire)
+                t.shape.extend(arr.shape)
                 copies.append((len(msg.inputs) - 1, arr))
         try:
             if copies:

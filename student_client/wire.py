@@ -23,7 +23,7 @@ import numpy as np
 from protos import codec
 from protos.edistill.v1 import teacher_pb2 as pb
 
-__all__ = ["as_wire_array", "fast_nbytes", "serialize_request"]
+__all__ = ["as_wire_array", "fast_nbytes", "serialize_request", "torch_wire_dtype"]
 
 _WIRE_OF_NP = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "int64": pb.INT64, "int32": pb.INT32,
                "uint8": pb.UINT8, "bool": pb.BOOL}
@@ -75,6 +75,11 @@ def _as_array(value: Any) -> tuple[np.ndarray, int] | None:
     return np.ascontiguousarray(t.numpy()), wire
 
 
+def torch_wire_dtype(value: Any) -> int | None:
+    """Wire dtype of a torch tensor (None for anything else or an unsupported dtype)."""
+    return _torch_wire().get(getattr(value, "dtype", None)) if type(value).__name__ == "Tensor" else None
+
+
 def as_wire_array(value: Any) -> tuple[np.ndarray, int]:
     """``(C-contiguous little-endian ndarray, wire dtype)`` of a tensor or array (no copy if contiguous).
 
@@ -94,6 +99,9 @@ def fast_nbytes(inputs: Mapping[str, Any]) -> int | None:
         return None
     total = 0
     for value in inputs.values():
+        if type(value).__name__ == "Tensor" and value.dtype in _torch_wire():  # torch.Tensor, no conversion
+            total += value.numel() * value.element_size()
+            continue
         got = _as_array(value)
         if got is None:
             return None
