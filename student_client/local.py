@@ -15,12 +15,14 @@ the teacher maps it read-only.
 * Any other tensor or array is written once into a fresh sealed ``memfd``
   (one kernel copy, no page faults in this process).
 
-One receiver thread per pool (:class:`LocalHub`) waits on every local
-connection, completes calls (done-callbacks run in it, like gRPC's callback
-thread), fails the calls of a connection that breaks with UNAVAILABLE and
-expires calls past their deadline with DEADLINE_EXCEEDED, so the pool treats
-local calls exactly like gRPC ones. Calls are :class:`LocalCall` futures with
-the ``grpc.Future`` surface the pool uses.
+Answers are read by whichever thread pumps the pool's :class:`LocalHub`:
+the training loop while it waits for a batch, and the pool's dispatcher on
+every tick (there is no receiver thread, whose wakeup and GIL handoff would
+cost as much again per batch). The pump completes calls, fails the calls of
+a connection that breaks with UNAVAILABLE and expires calls past their
+deadline with DEADLINE_EXCEEDED, so the pool treats local calls exactly like
+gRPC ones. Calls are :class:`LocalCall` futures with the ``grpc.Future``
+surface the pool uses.
 
 Linux only (memfd, SCM_RIGHTS, SO_PEERCRED on the teacher); elsewhere
 :func:`available` is False and the pool keeps to gRPC.
@@ -238,9 +240,7 @@ class LocalConnection:
                     if sent < len(frame):
                         self.sock.sendall(memoryview(frame)[sent:])
             except OSError as exc:
-                self._fail_all(f"sending to teacher {self.teacher_id} over {self.path} failed: {exc}")
-            if deadline is not None:
-                self._hub._note_deadline(deadline)
+                _settle_all(self._fail_all(f"sending to teacher {self.teacher_id} over {self.path} failed: {exc}"))
             return call
         finally:
             for fd in owned:
@@ -249,21 +249,22 @@ class LocalConnection:
     def _closed_text(self) -> str:
         return f"local connection to teacher {self.teacher_id} ({self.path}) is closed: {self.close_reason}"
 
-    # receiver thread -------------------------------------------------------
+    # reading (in whichever thread pumps the hub) -------------------------
 
-    def _on_readable(self) -> None:
+    def _read(self, done: list) -> None:
+        """Read what arrived; append ``(call, response, exception)`` settlements to ``done``."""
         try:
-            data = self.sock.recv(_RECV_BYTES, socket.MSG_DONTWAIT)
+            n = self.sock.recv_into(self._hub._rbuf, 0, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self._fail_all(f"reading from teacher {self.teacher_id} over {self.path} failed: {exc}")
+            done += self._fail_all(f"reading from teacher {self.teacher_id} over {self.path} failed: {exc}")
             return
-        if not data:
-            self._fail_all(f"teacher {self.teacher_id} closed its local socket {self.path} "
-                           "(it stopped or restarted)")
+        if not n:
+            done += self._fail_all(f"teacher {self.teacher_id} closed its local socket {self.path} "
+                                   "(it stopped or restarted)")
             return
-        self._frames.feed(data)
+        self._frames.feed(self._hub._rview[:n])
         try:
             for frame in self._frames.frames():
                 reply = lpb.LocalReply.FromString(frame)
@@ -272,59 +273,78 @@ class LocalConnection:
                 if call is None:
                     continue  # expired or cancelled earlier
                 if reply.code == 0:
-                    call._settle(reply.response)
+                    done.append((call, reply.response, None))
                 else:
                     code = _CODES.get(reply.code, grpc.StatusCode.UNKNOWN)
-                    call._settle(exc=LocalRpcError(code, reply.details))
+                    done.append((call, None, LocalRpcError(code, reply.details)))
         except Exception as exc:  # FrameError, DecodeError: the stream is no longer trustworthy
-            self._fail_all(f"teacher {self.teacher_id} sent an unreadable local frame ({exc})")
+            done += self._fail_all(f"teacher {self.teacher_id} sent an unreadable local frame ({exc})")
 
-    def _expire(self, now: float) -> float | None:
-        """Fail calls past their deadline; return the earliest remaining deadline."""
-        expired, nxt = [], None
+    def _expire(self, now: float, done: list) -> None:
+        """Fail calls past their deadline (appended to ``done``); forget cancelled ones."""
         with self._lock:
             for cid, call in list(self._pending.items()):
                 if call.done():  # cancelled by the pool: forget it
                     del self._pending[cid]
-                elif call.deadline is not None:
-                    if call.deadline <= now:
-                        expired.append(self._pending.pop(cid))
-                    elif nxt is None or call.deadline < nxt:
-                        nxt = call.deadline
-        for call in expired:
-            call._settle(exc=LocalRpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                           f"no answer from teacher {self.teacher_id} within the deadline"))
-        return nxt
+                elif call.deadline is not None and call.deadline <= now:
+                    del self._pending[cid]
+                    done.append((call, None, LocalRpcError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"no answer from teacher {self.teacher_id} within the deadline")))
 
-    def _fail_all(self, reason: str) -> None:
+    def _fail_all(self, reason: str) -> list:
+        """Mark the connection closed; the settlements failing its unfinished calls (UNAVAILABLE)."""
         with self._lock:
             if not self.closed:
                 self.closed = True
                 self.close_reason = reason
                 logger.info("%s", reason)
             calls, self._pending = list(self._pending.values()), {}
-        for call in calls:
-            call._settle(exc=LocalRpcError(grpc.StatusCode.UNAVAILABLE, reason))
         self._hub._forget(self)
+        err = LocalRpcError(grpc.StatusCode.UNAVAILABLE, reason)
+        return [(call, None, err) for call in calls]
 
     def close(self, reason: str = "closed by the student") -> None:
         """Close the connection; unfinished calls fail with UNAVAILABLE."""
-        self._fail_all(reason)
+        _settle_all(self._fail_all(reason))
+
+
+def _settle_all(done: list) -> None:
+    for call, result, exc in done:
+        call._settle(result, exc)
 
 
 class LocalHub:
-    """Connections to same-host teachers and the one thread that receives their answers."""
+    """Connections to same-host teachers, and the pump that reads their answers.
 
-    def __init__(self, name: str = "edistill-local") -> None:
+    There is no receiver thread: answers are read by whichever thread calls
+    :meth:`pump`, which is the thread waiting for a batch (the pool's futures
+    pump in ``result()``, see :class:`~student_client.pool.TeacherPool`) and
+    the pool's dispatcher on every tick. A waiting training loop is thus woken
+    directly by the teacher's answer (one thread wakeup per batch, or none
+    when the answer came during the training step), where a receiver thread
+    would cost a second wakeup and a GIL handoff per batch. One thread reads
+    at a time (``_role``); done-callbacks run after it is released, so a
+    callback may itself wait on another batch.
+    """
+
+    _PUMP_SLICE_S = 0.05  # longest single select(); waiters re-check their future in between
+
+    def __init__(self) -> None:
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._conns: set[LocalConnection] = set()
         self._lock = threading.Lock()
+        self._role = threading.Lock()  # held by the one thread reading the sockets
+        self._rbuf = bytearray(_RECV_BYTES)
+        self._rview = memoryview(self._rbuf)
         self._closed = False
-        self._next_deadline: float | None = None
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
+        self._next_expiry = 0.0
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
 
     def connect(self, path: str, *, teacher_id: str, token: str | None, timeout_s: float,
                 max_frame_bytes: int) -> LocalConnection:
@@ -367,14 +387,7 @@ class LocalHub:
                 raise ConnectionError("the teacher pool is closed")
             self._conns.add(conn)
             self._sel.register(sock, selectors.EVENT_READ, conn)
-        self._wake()
         return conn
-
-    def _note_deadline(self, deadline: float) -> None:
-        nxt = self._next_deadline
-        if nxt is None or deadline < nxt:
-            self._next_deadline = deadline
-            self._wake()
 
     def _forget(self, conn: LocalConnection) -> None:
         with self._lock:
@@ -390,62 +403,71 @@ class LocalHub:
         except OSError:
             pass
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
+        """Make a pump that is blocked in select() return (e.g. a gRPC answer settled its future)."""
         try:
             os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
+        except OSError:
             pass  # already woken (pipe full) or closing
 
-    def _loop(self) -> None:
-        while True:
-            nxt = self._next_deadline
-            timeout = 1.0 if nxt is None else min(1.0, max(0.0, nxt - time.monotonic()))
-            try:
-                events = self._sel.select(timeout)
-            except (OSError, ValueError):  # closed under us
-                if self._closed:
-                    return
-                continue
+    def pump(self, timeout_s: float, *, until: Callable[[], bool] | None = None) -> bool:
+        """Read and settle answers for up to ``timeout_s`` (0: only what already arrived).
+
+        Returns as soon as ``until()`` is true (checked after each batch of
+        answers), or after the timeout. Returns False at once if another thread
+        is reading (its answers settle the futures), True otherwise.
+        """
+        if not self._role.acquire(blocking=False):
+            return False
+        done: list = []
+        try:
             if self._closed:
-                return
-            for key, _ in events:
-                if key.data is None:
-                    try:
-                        while os.read(self._wake_r, 4096):
+                return True
+            deadline = time.monotonic() + timeout_s
+            while True:
+                remaining = deadline - time.monotonic()
+                try:
+                    events = self._sel.select(max(0.0, min(remaining, self._PUMP_SLICE_S)))
+                except (OSError, ValueError):  # closed under us
+                    return True
+                for key, _ in events:
+                    if key.data is None:
+                        try:
+                            while os.read(self._wake_r, 4096):
+                                pass
+                        except OSError:
                             pass
-                    except (BlockingIOError, OSError):
-                        pass
-                else:
-                    key.data._on_readable()
-            now = time.monotonic()
-            if self._next_deadline is not None and self._next_deadline <= now or not events:
-                self._next_deadline = None
-                with self._lock:
-                    conns = list(self._conns)
-                for c in conns:
-                    d = c._expire(now)
-                    if d is not None and (self._next_deadline is None or d < self._next_deadline):
-                        self._next_deadline = d
+                    else:
+                        key.data._read(done)
+                now = time.monotonic()
+                if now >= self._next_expiry:
+                    self._next_expiry = now + 0.05
+                    for c in list(self._conns):
+                        c._expire(now, done)
+                if done or events or now >= deadline or (until is not None and until()):
+                    break
+        finally:
+            self._role.release()
+            _settle_all(done)
+        return True
 
     def close(self) -> None:
-        """Close every connection (their calls fail UNAVAILABLE) and stop the thread. Idempotent."""
+        """Close every connection (their calls fail UNAVAILABLE). Idempotent."""
         with self._lock:
             if self._closed:
                 return
+            self._closed = True
             conns = list(self._conns)
         for c in conns:
             c.close("the teacher pool is closing")
-        with self._lock:
-            self._closed = True
-        self._wake()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=5.0)
-        self._sel.close()
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self.wake()
+        with self._role:  # no pump is inside select() any more
+            self._sel.close()
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
 
 def token_getter(credentials) -> Callable[[], str | None]:

@@ -75,6 +75,7 @@ Concurrency (read before changing anything here):
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import heapq
 import itertools
 import logging
@@ -199,6 +200,31 @@ def _rpc_code_and_details(exc: BaseException) -> tuple[str, str]:
     except Exception:
         text = str(exc)
     return name, (text or "")
+
+
+class _PoolFuture(Future):
+    """The future ``submit`` returns: waiting on it also reads same-host teachers' answers.
+
+    Answers over the local transport are read by the waiting thread itself
+    (:class:`~student_client.local.LocalHub`), so ``result()`` and
+    ``exception()`` pump the pool's hub while this future is not done. Code
+    that only polls ``done()`` or waits through ``concurrent.futures.wait``
+    still gets every answer, read by the pool's dispatcher within its tick.
+    """
+
+    def __init__(self, pool: "TeacherPool") -> None:
+        super().__init__()
+        self._pool = pool
+
+    def result(self, timeout: float | None = None):
+        if not self.done():
+            timeout = self._pool._wait(self, timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None):
+        if not self.done():
+            timeout = self._pool._wait(self, timeout)
+        return super().exception(timeout)
 
 
 class _Request:
@@ -437,7 +463,7 @@ class TeacherPool(KnowledgeSource):
                 f"batch {batch_id} encodes to {size / 2**20:.1f} MiB, over max_message_bytes="
                 f"{self._config.max_message_bytes / 2**20:.0f} MiB; send smaller batches or raise "
                 "PoolConfig.max_message_bytes (and the teachers' limit)")
-        fut: Future = Future()
+        fut: Future = _PoolFuture(self)
         # Rows sent (the batch dimension shared by all inputs), checked against the answer.
         req = _Request(seq, batch_id, request_id, payload, fut, batch_rows(inputs), kept)
         work = _Work.new()
@@ -882,6 +908,28 @@ class TeacherPool(KnowledgeSource):
         except InvalidStateError:
             pass
 
+    def _wait(self, fut: Future, timeout: float | None) -> float | None:
+        """Pump the local hub until ``fut`` is done or ``timeout`` passes; return the time left.
+
+        Without same-host teachers this returns at once (the future is then
+        settled by gRPC's callback thread). A gRPC answer that settles ``fut``
+        while this thread is in select() wakes it through the hub's pipe.
+        """
+        hub = self._hub
+        if hub is None or not hub.connections:
+            return timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        fut.add_done_callback(lambda _f: hub.wake())
+        while not fut.done():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return 0.0
+            slice_s = 0.05 if left is None else min(left, 0.05)
+            if not hub.pump(slice_s, until=fut.done):
+                # Another thread is reading; its answers settle this future.
+                concurrent.futures.wait([fut], timeout=min(slice_s, 0.002))
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
     def _on_future_done(self, r: _Request, fut: Future) -> None:
         """The caller cancelled the batch: withdraw it (its answer is no longer wanted)."""
         if not fut.cancelled():
@@ -1006,7 +1054,7 @@ class TeacherPool(KnowledgeSource):
                 if self._closed:
                     raise ConnectionError("the pool is closed")
                 if self._hub is None:
-                    self._hub = _local.LocalHub(f"edistill-local-{self._id}")
+                    self._hub = _local.LocalHub()
                 hub = self._hub
             conn = hub.connect(resp.local_socket, teacher_id=resp.teacher_id, token=self._local_token(),
                                timeout_s=self._config.probe_timeout_s or 2.0,
@@ -1054,5 +1102,7 @@ class TeacherPool(KnowledgeSource):
             try:
                 self._do(work)
                 self._start_probes(probes)
+                if self._hub is not None:  # answers nobody is waiting for yet, broken sockets, deadlines
+                    self._hub.pump(0.0)
             except Exception:  # keep the watchdog alive whatever a callback did
                 logger.exception("teacher pool dispatcher step failed")
