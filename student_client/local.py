@@ -38,7 +38,7 @@ import socket
 import sys
 import threading
 import time
-from concurrent.futures import Future
+import concurrent.futures
 from typing import Any, Callable, Sequence
 
 import grpc
@@ -96,30 +96,78 @@ class LocalRpcError(Exception):
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
-class LocalCall(Future):
-    """One local Predict call: a future resolving to a ``PredictResponse``.
+_CALL_LOCK = threading.Lock()  # state changes of every LocalCall (held for a few bytecodes)
 
-    Besides ``concurrent.futures.Future`` it holds what must outlive the call:
-    the input tensors whose shared memory the teacher reads.
+
+class LocalCall:
+    """One local Predict call, with the part of the ``grpc.Future`` surface the pool uses.
+
+    ``add_done_callback``, ``cancel``, ``cancelled``, ``done``, ``result`` and
+    ``exception`` (the last two only once done: the pool calls them from the
+    done-callback). Lighter than a ``concurrent.futures.Future`` (no condition
+    variable per call), since nothing ever blocks on it. It also holds what
+    must outlive the call: the input tensors whose memory the teacher reads.
     """
 
+    __slots__ = ("call_id", "deadline", "_keep", "_state", "_result", "_exc", "_callbacks")
+
     def __init__(self, call_id: int, deadline: float | None, keep: Any) -> None:
-        super().__init__()
         self.call_id = call_id
         self.deadline = deadline
         self._keep = keep
+        self._state = 0  # 0 pending, 1 done, 2 cancelled
+        self._result = None
+        self._exc: BaseException | None = None
+        self._callbacks: list = []
+
+    def done(self) -> bool:
+        return self._state != 0
+
+    def cancelled(self) -> bool:
+        return self._state == 2
+
+    def result(self, timeout: float | None = None):
+        if self._state == 0:
+            raise RuntimeError("LocalCall.result() before the call finished (the pool only reads it when done)")
+        if self._state == 2:
+            raise concurrent.futures.CancelledError()
+        if self._exc is not None:
+            raise self._exc
+        return self._result
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._state == 0:
+            raise RuntimeError("LocalCall.exception() before the call finished")
+        if self._state == 2:
+            raise concurrent.futures.CancelledError()
+        return self._exc
+
+    def add_done_callback(self, fn: Callable[["LocalCall"], None]) -> None:
+        with _CALL_LOCK:
+            if self._state == 0:
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def cancel(self) -> bool:
+        return self._finish(2, None, None)
 
     def _settle(self, result=None, exc: BaseException | None = None) -> None:
+        self._finish(1, result, exc)
+
+    def _finish(self, state: int, result, exc: BaseException | None) -> bool:
+        with _CALL_LOCK:
+            if self._state != 0:
+                return False
+            self._state, self._result, self._exc = state, result, exc
+            callbacks, self._callbacks = self._callbacks, []
         self._keep = None
-        if self.done():  # cancelled by the pool meanwhile
-            return
-        try:
-            if exc is not None:
-                self.set_exception(exc)
-            else:
-                self.set_result(result)
-        except Exception:  # InvalidStateError: raced with cancel()
-            pass
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:  # like concurrent.futures: a failing callback must not stop the others
+                logger.exception("a local call's done-callback failed")
+        return True
 
 
 def _shared_fd(value: Any) -> tuple[int, int] | None:

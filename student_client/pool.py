@@ -919,7 +919,9 @@ class TeacherPool(KnowledgeSource):
         if hub is None or not hub.connections:
             return timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        fut.add_done_callback(lambda _f: hub.wake())
+        me = threading.get_ident()
+        # Settled by another thread (a gRPC answer) while this one is in select(): wake it.
+        fut.add_done_callback(lambda _f: threading.get_ident() == me or hub.wake())
         while not fut.done():
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
