@@ -19,7 +19,7 @@ Prints one JSON object per measured round, then a summary object whose
 the round (``ratio_grpc`` the same for ``served_grpc``; ``ratio_of_medians``
 the ratio of the modes' median throughputs). Target >= 0.95.
 
-    python bench/teacher_overhead.py [--rounds 16] [--batches 1] [--width 64]
+    python bench/teacher_overhead.py [--rounds 30] [--batches 1] [--width 64]
 
 Findings on the 2-core dev box (shared with other jobs, so noisy):
 * glibc malloc thresholds matter most: without them a conv forward is 2-4x
@@ -78,7 +78,7 @@ def _emit(obj: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--batches", type=int, default=1, help="batches per mode per round")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--width", type=int, default=64, help="ResNet base width (64 = ResNet-18)")
