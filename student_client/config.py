@@ -82,7 +82,10 @@ class PoolConfig:
             over it, as shared memory, once it has passed its health check
             over gRPC (:mod:`.local`); it costs the student far less CPU per
             batch than gRPC. ``"off"``: gRPC only. The default comes from
-            ``EDISTILL_LOCAL_TRANSPORT`` when set.
+            ``EDISTILL_LOCAL_TRANSPORT`` when set. Local answers are read by
+            the thread that waits in a batch future's ``result()`` (what
+            DistillReader does); code that only polls ``done()`` or relies on
+            done-callbacks gets them within the pool's 0.1 s dispatcher tick.
     """
 
     timeout_s: float = 30.0
