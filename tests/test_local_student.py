@@ -186,3 +186,16 @@ def test_a_teacher_restarted_on_sigterm_is_left_cleanly_and_batches_fall_back_to
         stats = pool.stats().teachers
         assert stats[b.address].transport == "local"
         assert stats[a.address].transport == "grpc"  # its local connection was closed by the drain
+
+
+def test_private_batches_of_varying_sizes_reuse_staging_buffers_without_mixing_answers():
+    # Private-memory batches are copied into reused staging buffers; many in flight at
+    # once, of different sizes, must each get the answer for their own rows.
+    with _latency(2.0) as t, TeacherPool([t.address], config=PoolConfig(max_in_flight_per_teacher=8)) as pool:
+        _warm(pool)
+        batches = [_batch(i, rows=1 + (i * 7) % 64) for i in range(120)]
+        futs = [pool.submit({"input": x}, batch_id=i) for i, x in enumerate(batches)]
+        for x, f in zip(batches, futs):
+            out = f.result(timeout=60)["logits"]
+            assert out.shape[0] == x.shape[0] and torch.equal(out[:, 0], x[:, 0])
+        assert pool.stats().teachers[t.address].transport == "local"
