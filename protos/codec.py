@@ -36,6 +36,7 @@ __all__ = [
     "itemsize",
     "to_numpy",
     "to_torch",
+    "varint",
 ]
 
 # torch warns (once per process) that a view of immutable bytes is not
@@ -83,6 +84,19 @@ DTYPE_NAMES: dict[str, int] = {
     "bool": pb.BOOL,
 }
 _NAME_OF_WIRE = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+def varint(n: int) -> bytes:
+    """Protobuf base-128 varint of ``n`` >= 0 (for code that writes wire bytes by hand)."""
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
 
 
 class CodecError(ValueError):

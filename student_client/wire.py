@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from protos import codec
+from protos.codec import varint
 from protos.edistill.v1 import teacher_pb2 as pb
 
 __all__ = ["as_wire_array", "fast_nbytes", "serialize_request", "torch_wire_dtype"]
@@ -29,18 +30,6 @@ _WIRE_OF_NP = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "int64": pb.INT64, 
                "uint8": pb.UINT8, "bool": pb.BOOL}
 _TORCH_WIRE: dict | None = None  # torch dtype -> wire dtype, built on first use (torch import is lazy)
 _FAST = sys.byteorder == "little"
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
 
 
 def _torch_wire() -> dict:
@@ -118,17 +107,17 @@ def _tensor_parts(name: str, value: Any) -> tuple[list, int] | None:
     name_b = name.encode()
     head = bytearray()
     if name_b:
-        head += b"\x0a" + _varint(len(name_b)) + name_b  # 1: name
+        head += b"\x0a" + varint(len(name_b)) + name_b  # 1: name
     if wire:
-        head += b"\x10" + _varint(wire)  # 2: dtype
+        head += b"\x10" + varint(wire)  # 2: dtype
     if arr.shape:
-        packed = b"".join(_varint(d) for d in arr.shape)
-        head += b"\x1a" + _varint(len(packed)) + packed  # 3: shape, packed
+        packed = b"".join(varint(d) for d in arr.shape)
+        head += b"\x1a" + varint(len(packed)) + packed  # 3: shape, packed
     data = memoryview(arr).cast("B") if arr.nbytes else b""
     if arr.nbytes:
-        head += b"\x22" + _varint(arr.nbytes)  # 4: data
+        head += b"\x22" + varint(arr.nbytes)  # 4: data
     body_len = len(head) + arr.nbytes
-    return [b"\x12" + _varint(body_len), bytes(head), data], arr.nbytes
+    return [b"\x12" + varint(body_len), bytes(head), data], arr.nbytes
 
 
 def serialize_request(request_id: str, inputs: Mapping[str, Any], outputs_blob: bytes) -> tuple[bytes, int]:
@@ -144,7 +133,7 @@ def serialize_request(request_id: str, inputs: Mapping[str, Any], outputs_blob: 
         protos.codec.CodecError: an input that cannot be sent.
     """
     rid = request_id.encode()
-    parts: list = [b"\x0a" + _varint(len(rid)) + rid] if rid else []
+    parts: list = [b"\x0a" + varint(len(rid)) + rid] if rid else []
     payload = 0
     if _FAST:
         for name, value in inputs.items():

@@ -65,6 +65,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from protos import codec
+from protos.codec import varint
 from protos.edistill.v1 import local_pb2
 from protos.localwire import HEADER, MAX_FDS_PER_FRAME, FrameBuffer, FrameError
 from teacher_server.config import MAX_UNIX_PATH_BYTES, TeacherConfig
@@ -330,18 +331,6 @@ def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 # LocalReply.response is field 4, length-delimited: tag (4 << 3) | 2.
 _RESPONSE_TAG = bytes([(4 << 3) | 2])
 
@@ -357,7 +346,7 @@ def _reply_parts(call_id: int, code: grpc.StatusCode, details: str, response_byt
     head = local_pb2.LocalReply(call_id=call_id, code=code.value[0], details=details).SerializeToString()
     if response_bytes is None:
         return [HEADER.pack(len(head)), head]
-    field = _RESPONSE_TAG + _varint(len(response_bytes))
+    field = _RESPONSE_TAG + varint(len(response_bytes))
     return [HEADER.pack(len(head) + len(field) + len(response_bytes)), head, field, response_bytes]
 
 
