@@ -39,16 +39,18 @@ import sys
 import threading
 import time
 import concurrent.futures
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import grpc
 import numpy as np
 
 from protos.edistill.v1 import local_pb2 as lpb
-from protos.edistill.v1 import teacher_pb2 as pb
 from protos.localwire import MAX_FDS_PER_FRAME, FrameBuffer, FrameError, encode_frame, host_id
 
 from .wire import as_wire_array, torch_wire_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["LocalCall", "LocalConnection", "LocalHub", "LocalRpcError", "available", "same_host"]
 
@@ -173,13 +175,11 @@ class LocalCall:
         return True
 
 
-def _shared_fd(value: Any) -> tuple[int, int] | None:
-    """(descriptor, byte offset) of a CPU tensor whose storage is fd-shared memory, else None."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return None
-    if not isinstance(value, torch.Tensor) or value.device.type != "cpu" or not value.is_contiguous():
+def _shared_fd(value: "torch.Tensor") -> tuple[int, int] | None:
+    """(descriptor, byte offset) of a torch tensor whose storage is fd-shared CPU memory, else None."""
+    import torch
+
+    if value.device.type != "cpu" or not value.is_contiguous():
         return None
     storage = value.untyped_storage()
     if not storage.is_shared() or torch.multiprocessing.get_sharing_strategy() != "file_descriptor":
@@ -580,10 +580,3 @@ class LocalHub:
                     os.close(fd)
                 except OSError:
                     pass
-
-
-def token_getter(credentials) -> Callable[[], str | None]:
-    """``() -> current token`` for :class:`~student_client.credentials.TeacherCredentials` (or None)."""
-    if credentials is None or not credentials.has_token:
-        return lambda: None
-    return credentials.token_getter()

@@ -112,7 +112,6 @@ from .stats import PoolStats, TeacherStats, percentile
 from .wire import fast_nbytes, serialize_request
 
 if TYPE_CHECKING:
-    import grpc
     import torch
 
 __all__ = ["ChannelFactory", "StubFactory", "TeacherPool"]
@@ -393,9 +392,9 @@ class TeacherPool(KnowledgeSource):
             channel_factory = creds.channel_factory() if creds is not None else _default_channel_factory
         elif credentials is not None:
             raise ConfigError("pass credentials= or channel_factory=, not both")
-        # Same-host teachers (see .local): the hub and its thread start with the first connection.
+        # Same-host teachers (see .local): the hub is made with the first local connection.
         self._local_enabled = self._config.local_transport == "auto" and _local.available()
-        self._local_token = _local.token_getter(creds)
+        self._local_token = creds.token_getter() if creds is not None else (lambda: None)
         self._local_outputs_blob = lpb.LocalRequest(outputs=output_requests(self._specs)).SerializeToString()
         self._hub: _local.LocalHub | None = None
         self._channel_factory = channel_factory

@@ -29,14 +29,16 @@ __all__ = ["as_wire_array", "fast_nbytes", "serialize_request", "torch_wire_dtyp
 _WIRE_OF_NP = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "int64": pb.INT64, "int32": pb.INT32,
                "uint8": pb.UINT8, "bool": pb.BOOL}
 _TORCH_WIRE: dict | None = None  # torch dtype -> wire dtype, built on first use (torch import is lazy)
+_TENSOR: type | None = None  # torch.Tensor, set with _TORCH_WIRE
 _FAST = sys.byteorder == "little"
 
 
 def _torch_wire() -> dict:
-    global _TORCH_WIRE
+    global _TORCH_WIRE, _TENSOR
     if _TORCH_WIRE is None:
         import torch
 
+        _TENSOR = torch.Tensor
         _TORCH_WIRE = {torch.float32: pb.FLOAT32, torch.float16: pb.FLOAT16, torch.bfloat16: pb.BFLOAT16,
                        torch.int64: pb.INT64, torch.int32: pb.INT32, torch.uint8: pb.UINT8, torch.bool: pb.BOOL}
     return _TORCH_WIRE
@@ -66,7 +68,8 @@ def _as_array(value: Any) -> tuple[np.ndarray, int] | None:
 
 def torch_wire_dtype(value: Any) -> int | None:
     """Wire dtype of a torch tensor (None for anything else or an unsupported dtype)."""
-    return _torch_wire().get(getattr(value, "dtype", None)) if type(value).__name__ == "Tensor" else None
+    wires = _torch_wire()
+    return wires.get(value.dtype) if isinstance(value, _TENSOR) else None
 
 
 def as_wire_array(value: Any) -> tuple[np.ndarray, int]:
@@ -88,7 +91,7 @@ def fast_nbytes(inputs: Mapping[str, Any]) -> int | None:
         return None
     total = 0
     for value in inputs.values():
-        if type(value).__name__ == "Tensor" and value.dtype in _torch_wire():  # torch.Tensor, no conversion
+        if torch_wire_dtype(value) is not None:  # a torch tensor: its size without a numpy view
             total += value.numel() * value.element_size()
             continue
         got = _as_array(value)

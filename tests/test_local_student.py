@@ -175,7 +175,7 @@ def test_the_student_leaks_no_file_descriptors_over_many_local_requests():
         assert pool.stats().teachers[t.address].transport == "local"
 
 
-def test_a_teacher_restarted_on_sigterm_is_left_cleanly_and_batches_fall_back_to_grpc_until_it_is_gone():
+def test_a_teacher_stopped_with_sigterm_closes_its_local_connection_and_the_other_teacher_carries_on():
     with _latency() as a, _latency() as b, TeacherPool([a.address, b.address]) as pool:
         _warm(pool, 2)
         a.send_signal(signal.SIGTERM)
