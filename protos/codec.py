@@ -193,23 +193,25 @@ def encode(value: Any, out: pb.Tensor | None = None, *, name: str | None = None)
 
 
 def _checked_view(msg: pb.Tensor, what: str, max_elements: int | None) -> np.ndarray:
-    label = f"{what} {msg.name!r}" if msg.name else what
     np_dtype = _NP_OF_WIRE.get(msg.dtype)
-    if np_dtype is None:
-        raise CodecError(f"{label}: unsupported dtype {dtype_name(msg.dtype)}")
     shape = tuple(msg.shape)
-    if any(d < 0 for d in shape):
-        raise CodecError(f"{label}: negative dimension in shape {list(shape)}")
+    data = msg.data  # read once: each read of a bytes field makes a new object
     n = math.prod(shape)
-    if max_elements is not None and n > max_elements:
-        raise CodecError(f"{label}: shape {list(shape)} has {n} elements, more than the limit of {max_elements}")
-    expected = n * np_dtype.itemsize
-    if len(msg.data) != expected:
+    if (np_dtype is None or (shape and min(shape) < 0) or (max_elements is not None and n > max_elements)
+            or len(data) != n * np_dtype.itemsize):
+        # The error path: which check failed, with a label (not built for good messages).
+        label = f"{what} {msg.name!r}" if msg.name else what
+        if np_dtype is None:
+            raise CodecError(f"{label}: unsupported dtype {dtype_name(msg.dtype)}")
+        if any(d < 0 for d in shape):
+            raise CodecError(f"{label}: negative dimension in shape {list(shape)}")
+        if max_elements is not None and n > max_elements:
+            raise CodecError(f"{label}: shape {list(shape)} has {n} elements, more than the limit of {max_elements}")
         raise CodecError(
-            f"{label}: shape {list(shape)} of {dtype_name(msg.dtype)} needs {expected} bytes, "
-            f"got {len(msg.data)}"
+            f"{label}: shape {list(shape)} of {dtype_name(msg.dtype)} needs {n * np_dtype.itemsize} bytes, "
+            f"got {len(data)}"
         )
-    return np.frombuffer(msg.data, dtype=np_dtype).reshape(shape)
+    return np.frombuffer(data, dtype=np_dtype).reshape(shape)
 
 
 def to_numpy(msg: pb.Tensor, *, what: str = "tensor", max_elements: int | None = None) -> np.ndarray:

@@ -66,6 +66,30 @@ class FrameBuffer:
         self._buf += data
         self._fds.extend(fds)
 
+    def split(self, data) -> list:
+        """Feed ``data`` (no descriptors); return the payloads of the frames now complete.
+
+        When nothing is buffered, frames are cut straight out of ``data``
+        (memoryview slices, no copy: parse them before ``data`` changes) and
+        only an incomplete tail is kept.
+        """
+        if self._buf:
+            self._buf += data
+            return list(self.frames())
+        out = []
+        pos, size, head = 0, len(data), HEADER.size
+        while size - pos >= head:
+            (n,) = HEADER.unpack_from(data, pos)
+            if n > self._max:
+                raise FrameError(f"frame of {n} bytes is over the limit of {self._max}")
+            if size - pos - head < n:
+                break
+            out.append(data[pos + head:pos + head + n])
+            pos += head + n
+        if pos < size:
+            self._buf += data[pos:]
+        return out
+
     def frames(self):
         """Yield each complete frame's payload (as ``bytes``)."""
         buf = self._buf

@@ -51,17 +51,20 @@ class LatencyEwma:
 
 def pick(candidates: Sequence[C]) -> C | None:
     """The candidate with the smallest expected completion time, or None if empty."""
-    if not candidates:
-        return None
-    known = [c.latency.value_s for c in candidates if c.latency.value_s is not None]
-    # Optimistic prior for teachers never measured; 1 ms when nothing is known
-    # (then only the outstanding count and the tie-break decide).
-    prior = min(known) if known else 1e-3
-    best = None
-    best_key = None
+    # Optimistic prior for teachers never measured: the fastest known latency; 1 ms when
+    # nothing is known (then only the outstanding count and the tie-break decide).
+    prior = None
     for c in candidates:
         lat = c.latency.value_s
-        key = ((c.outstanding + 1) * (prior if lat is None else lat), c.last_pick)
-        if best_key is None or key < best_key:
-            best, best_key = c, key
+        if lat is not None and (prior is None or lat < prior):
+            prior = lat
+    if prior is None:
+        prior = 1e-3
+    best = None
+    best_cost = best_last = 0.0
+    for c in candidates:  # runs per request: plain comparisons, no key tuples
+        lat = c.latency.value_s
+        cost = (c.outstanding + 1) * (prior if lat is None else lat)
+        if best is None or cost < best_cost or (cost == best_cost and c.last_pick < best_last):
+            best, best_cost, best_last = c, cost, c.last_pick
     return best

@@ -19,10 +19,16 @@ from .errors import ConfigError
 __all__ = ["batch_rows", "default_teacher_input", "make_input_fn"]
 
 
-def _is_array(x: Any) -> bool:
-    import torch
+_ARRAY_TYPES: tuple[type, ...] | None = None  # (torch.Tensor, np.ndarray), bound at first use (torch loads lazily)
 
-    return isinstance(x, (torch.Tensor, np.ndarray))
+
+def _is_array(x: Any) -> bool:
+    global _ARRAY_TYPES
+    if _ARRAY_TYPES is None:
+        import torch
+
+        _ARRAY_TYPES = (torch.Tensor, np.ndarray)
+    return isinstance(x, _ARRAY_TYPES)
 
 
 def default_teacher_input(batch: Any) -> Any:

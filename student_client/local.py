@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import selectors
+import select
 import socket
 import sys
 import threading
@@ -103,7 +103,7 @@ class LocalCall:
 
     ``add_done_callback``, ``cancel``, ``cancelled``, ``done``, ``result`` and
     ``exception`` (the last two only once done: the pool calls them from the
-    done-callback). Lighter than a ``concurrent.futures.Future`` (no condition
+    done-callback), and ``outcome`` (all three at once). Lighter than a ``concurrent.futures.Future`` (no condition
     variable per call), since nothing ever blocks on it. It also holds what
     must outlive the call: the input tensors whose memory the teacher reads.
     """
@@ -112,7 +112,7 @@ class LocalCall:
                  "_stager")
 
     def __init__(self, call_id: int, deadline: float | None, keep: Any, staging: "_Staging | None" = None,
-                 stager: "_Stager | None" = None) -> None:
+                 stager: "_Stager | None" = None, on_done: Callable[["LocalCall"], None] | None = None) -> None:
         self.call_id = call_id
         self.deadline = deadline
         self._keep = keep
@@ -120,7 +120,7 @@ class LocalCall:
         self._state = 0  # 0 pending, 1 done, 2 cancelled
         self._result = None
         self._exc: BaseException | None = None
-        self._callbacks: list = []
+        self._callbacks: list = [] if on_done is None else [on_done]
 
     def done(self) -> bool:
         return self._state != 0
@@ -143,6 +143,12 @@ class LocalCall:
         if self._state == 2:
             raise concurrent.futures.CancelledError()
         return self._exc
+
+    def outcome(self) -> tuple[Any, BaseException | None, bool]:
+        """``(result, exception, cancelled)`` of a finished call, in one call."""
+        if self._state == 0:
+            raise RuntimeError("LocalCall.outcome() before the call finished")
+        return self._result, self._exc, self._state == 2
 
     def add_done_callback(self, fn: Callable[["LocalCall"], None]) -> None:
         with _CALL_LOCK:
@@ -175,22 +181,27 @@ class LocalCall:
         return True
 
 
+_torch = None  # the torch module, bound by the first shared tensor (this module imports it lazily)
+
+
 def _shared_fd(value: "torch.Tensor") -> tuple[int, int] | None:
     """(descriptor, byte offset) of a torch tensor whose storage is fd-shared CPU memory, else None."""
-    import torch
+    global _torch
+    if _torch is None:
+        import torch.multiprocessing
 
-    if value.device.type != "cpu" or not value.is_contiguous():
+        _torch = torch
+    if not value.is_cpu or not value.is_contiguous():
         return None
-    storage = value.untyped_storage()
-    if not storage.is_shared() or torch.multiprocessing.get_sharing_strategy() != "file_descriptor":
+    if _torch.multiprocessing.get_sharing_strategy() != "file_descriptor":
         return None
     try:
-        # For fd-shared storage (what a DataLoader worker hands over) this returns the
-        # descriptor it already holds; it does not copy.
-        fd = storage._share_fd_cpu_()[0]
-    except Exception:  # a storage shared another way (file_system strategy): copy instead
+        # The descriptor an fd-shared storage (what a DataLoader worker hands over) already
+        # holds; no copy. Raises for private memory, or memory shared another way.
+        fd = value.untyped_storage()._get_shared_fd()
+    except (RuntimeError, AttributeError):  # not fd-shared (or an older torch): copy instead
         return None
-    return int(fd), value.storage_offset() * value.element_size()
+    return fd, value.storage_offset() * value.element_size()
 
 
 class _Staging:
@@ -295,17 +306,19 @@ class LocalConnection:
         return f"LocalConnection({self.path!r}, teacher_id={self.teacher_id!r}, closed={self.closed})"
 
     def predict(self, request_id: str, inputs: Sequence[tuple[str, Any]], outputs_blob: bytes,
-                timeout_s: float | None) -> LocalCall:
+                timeout_s: float | None, on_done: Callable[[LocalCall], None] | None = None) -> LocalCall:
         """Send one request; the returned call resolves to a ``PredictResponse``.
 
         ``inputs`` are ``(name, tensor or ndarray)``; ``outputs_blob`` is the
         serialized ``LocalRequest`` field 4 (``repeated OutputRequest``).
-        Never raises for a transport problem: the call fails instead.
+        ``on_done`` is the call's first done-callback, registered before the
+        request is sent. Never raises for a transport problem: the call fails
+        instead.
 
         Raises:
             protos.codec.CodecError: an input of a dtype the wire cannot carry.
         """
-        msg = lpb.LocalRequest(request_id=request_id, timeout_s=timeout_s or 0.0)
+        specs: list = []
         fds: list[int] = []
         staging = None
         copies: list[tuple[int, np.ndarray]] = []
@@ -316,25 +329,23 @@ class LocalConnection:
                 fd, offset = shared
                 if fd not in fds:
                     fds.append(fd)
-                t = msg.inputs.add(name=name, dtype=wire, fd_index=fds.index(fd), offset=offset)
-                t.shape.extend(value.shape)
+                specs.append(lpb.SharedTensor(name=name, dtype=wire, shape=value.shape, fd_index=fds.index(fd),
+                                              offset=offset))
             else:
                 arr, wire = as_wire_array(value)
-                t = msg.inputs.add(name=name, dtype=wire)
-                t.shape.extend(arr.shape)
-                copies.append((len(msg.inputs) - 1, arr))
+                copies.append((len(specs), arr))
+                specs.append(lpb.SharedTensor(name=name, dtype=wire, shape=arr.shape))
         try:
             if copies:
                 staging, offsets = _stage(self._hub._stager, [a for _, a in copies])
                 fds.append(staging.fd)
                 for (i, _), off in zip(copies, offsets):
-                    msg.inputs[i].fd_index, msg.inputs[i].offset = len(fds) - 1, off
-            msg.fd_count = len(fds)
+                    specs[i].fd_index, specs[i].offset = len(fds) - 1, off
             if len(fds) > MAX_FDS_PER_FRAME:
                 raise ValueError(f"{len(fds)} shared buffers in one request; at most {MAX_FDS_PER_FRAME}")
             deadline = time.monotonic() + timeout_s if timeout_s else None
             with self._lock:
-                call = LocalCall(self._next_id, deadline, [v for _, v in inputs], staging, self._hub._stager)
+                call = LocalCall(self._next_id, deadline, inputs, staging, self._hub._stager, on_done)
                 staging = None  # the call gives it back when it is over
                 self._next_id += 1
                 if not self.closed:
@@ -342,11 +353,12 @@ class LocalConnection:
             if self.closed:
                 call._settle(exc=LocalRpcError(grpc.StatusCode.UNAVAILABLE, self._closed_text()))
                 return call
-            msg.call_id = call.call_id
+            msg = lpb.LocalRequest(call_id=call.call_id, request_id=request_id, inputs=specs, fd_count=len(fds),
+                                   timeout_s=timeout_s or 0.0)
             frame = encode_frame(msg.SerializeToString() + outputs_blob)
             try:
                 with self._send_lock:
-                    sent = socket.send_fds(self.sock, [frame], fds)
+                    sent = socket.send_fds(self.sock, (frame,), fds)
                     if sent < len(frame):
                         self.sock.sendall(memoryview(frame)[sent:])
             except OSError as exc:
@@ -374,9 +386,8 @@ class LocalConnection:
             done += self._fail_all(f"teacher {self.teacher_id} closed its local socket {self.path} "
                                    "(it stopped or restarted)")
             return
-        self._frames.feed(self._hub._rview[:n])
         try:
-            for frame in self._frames.frames():
+            for frame in self._frames.split(self._hub._rview[:n]):
                 reply = lpb.LocalReply.FromString(frame)
                 with self._lock:
                     call = self._pending.pop(reply.call_id, None)
@@ -421,7 +432,7 @@ class LocalConnection:
 
 def _settle_all(done: list) -> None:
     for call, result, exc in done:
-        call._settle(result, exc)
+        call._finish(1, result, exc)
 
 
 class LocalHub:
@@ -438,12 +449,14 @@ class LocalHub:
     callback may itself wait on another batch.
     """
 
-    _PUMP_SLICE_S = 0.05  # longest single select(); waiters re-check their future in between
+    _PUMP_SLICE_S = 0.05  # longest single poll(); waiters re-check their future in between
+    _EXPIRE_EVERY_S = 0.05  # how often a pump checks call deadlines
 
     def __init__(self) -> None:
-        self._sel = selectors.DefaultSelector()
+        self._ep = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._ep.register(self._wake_r, select.EPOLLIN)
+        self._by_fd: dict[int, LocalConnection] = {}
         self._conns: set[LocalConnection] = set()
         self._lock = threading.Lock()
         self._role = threading.Lock()  # held by the one thread reading the sockets
@@ -452,6 +465,9 @@ class LocalHub:
         self._rview = memoryview(self._rbuf)
         self._closed = False
         self._next_expiry = 0.0
+        #: True while the reading thread may be blocked in poll(): a thread that settles a
+        #: future the reader may be waiting for (a gRPC answer) must then :meth:`wake` it.
+        self.selecting = False
 
     @property
     def connections(self) -> int:
@@ -497,7 +513,8 @@ class LocalHub:
                 sock.close()
                 raise ConnectionError("the teacher pool is closed")
             self._conns.add(conn)
-            self._sel.register(sock, selectors.EVENT_READ, conn)
+            self._by_fd[sock.fileno()] = conn
+            self._ep.register(sock.fileno(), select.EPOLLIN)
         return conn
 
     def _forget(self, conn: LocalConnection) -> None:
@@ -505,17 +522,20 @@ class LocalHub:
             if conn not in self._conns:
                 return
             self._conns.discard(conn)
-            try:
-                self._sel.unregister(conn.sock)
-            except (KeyError, ValueError, OSError):
+            fd = conn.sock.fileno()
+            if fd >= 0:
+                self._by_fd.pop(fd, None)
+                try:
+                    self._ep.unregister(fd)
+                except (KeyError, ValueError, OSError):
+                    pass
+            try:  # closed under the hub's lock: its descriptor number cannot be reused by a
+                conn.sock.close()  # new connection while it is still mapped to this one
+            except OSError:
                 pass
-        try:
-            conn.sock.close()
-        except OSError:
-            pass
 
     def wake(self) -> None:
-        """Make a pump that is blocked in select() return (e.g. a gRPC answer settled its future)."""
+        """Make a pump that is blocked in poll() return (e.g. a gRPC answer settled its future)."""
         try:
             os.write(self._wake_w, b"x")
         except OSError:
@@ -524,9 +544,10 @@ class LocalHub:
     def pump(self, timeout_s: float, *, until: Callable[[], bool] | None = None) -> bool:
         """Read and settle answers for up to ``timeout_s`` (0: only what already arrived).
 
-        Returns as soon as ``until()`` is true (checked after each batch of
-        answers), or after the timeout. Returns False at once if another thread
-        is reading (its answers settle the futures), True otherwise.
+        Returns once answers were read and settled, once ``until()`` is true
+        (checked before each wait), or after the timeout. Returns False at
+        once if another thread is reading (its answers settle the futures),
+        True otherwise.
         """
         if not self._role.acquire(blocking=False):
             return False
@@ -534,30 +555,40 @@ class LocalHub:
         try:
             if self._closed:
                 return True
+            by_fd = self._by_fd
             deadline = time.monotonic() + timeout_s
             while True:
-                remaining = deadline - time.monotonic()
+                now = time.monotonic()
+                if now >= self._next_expiry:
+                    self._next_expiry = now + self._EXPIRE_EVERY_S
+                    for c in list(self._conns):
+                        c._expire(now, done)
+                    if done:
+                        break
+                remaining = deadline - now
+                self.selecting = True  # before until(): a settle after that check wakes us
+                if until is not None and until():
+                    break
                 try:
-                    events = self._sel.select(max(0.0, min(remaining, self._PUMP_SLICE_S)))
+                    events = self._ep.poll(min(max(remaining, 0.0), self._PUMP_SLICE_S))  # < 0 blocks forever
                 except (OSError, ValueError):  # closed under us
                     return True
-                for key, _ in events:
-                    if key.data is None:
+                finally:
+                    self.selecting = False
+                for fd, _ in events:
+                    conn = by_fd.get(fd)
+                    if conn is not None:
+                        conn._read(done)
+                    elif fd == self._wake_r:
                         try:
                             while os.read(self._wake_r, 4096):
                                 pass
                         except OSError:
                             pass
-                    else:
-                        key.data._read(done)
-                now = time.monotonic()
-                if now >= self._next_expiry:
-                    self._next_expiry = now + 0.05
-                    for c in list(self._conns):
-                        c._expire(now, done)
-                if done or events or now >= deadline or (until is not None and until()):
+                if done or events or remaining <= 0:
                     break
         finally:
+            self.selecting = False
             self._role.release()
             _settle_all(done)
         return True
@@ -573,8 +604,8 @@ class LocalHub:
             c.close("the teacher pool is closing")
         self.wake()
         self._stager.close()
-        with self._role:  # no pump is inside select() any more
-            self._sel.close()
+        with self._role:  # no pump is inside poll() any more
+            self._ep.close()
             for fd in (self._wake_r, self._wake_w):
                 try:
                     os.close(fd)

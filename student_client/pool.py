@@ -50,7 +50,7 @@ naming each endpoint and its last error. Nothing waits forever.
 
 Concurrency (read before changing anything here):
 
-* One lock (``self._lock``, also the dispatcher's condition) guards all
+* One lock (``self._lock``; ``self._cond`` is the dispatcher's condition on it) guards all
   mutable state: the queue, the live request table, teachers, counters,
   breakers. It is never held while calling into gRPC (starting, cancelling a
   call, closing a channel) or while resolving a user future: gRPC may run a
@@ -83,7 +83,6 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
@@ -94,7 +93,7 @@ from protos.edistill.v1 import teacher_pb2 as pb
 from . import local as _local
 
 from .balancer import LatencyEwma, pick
-from .breaker import CircuitBreaker
+from .breaker import CLOSED, UNVERIFIED, CircuitBreaker
 from .config import PoolConfig
 from .errors import (
     ConfigError,
@@ -201,6 +200,9 @@ def _rpc_code_and_details(exc: BaseException) -> tuple[str, str]:
     return name, (text or "")
 
 
+_DONE_STATES = frozenset({"CANCELLED", "CANCELLED_AND_NOTIFIED", "FINISHED"})  # concurrent.futures' states
+
+
 class _PoolFuture(Future):
     """The future ``submit`` returns: waiting on it also reads same-host teachers' answers.
 
@@ -209,21 +211,35 @@ class _PoolFuture(Future):
     ``exception()`` pump the pool's hub while this future is not done. Code
     that only polls ``done()`` or waits through ``concurrent.futures.wait``
     still gets every answer, read by the pool's dispatcher within its tick.
+    ``done()`` and the result of a finished future skip the condition variable
+    (one attribute read); cancelling withdraws the batch from the pool.
     """
 
-    def __init__(self, pool: "TeacherPool") -> None:
+    def __init__(self, pool: "TeacherPool", seq: int) -> None:
         super().__init__()
         self._pool = pool
+        self._seq = seq
+
+    def done(self) -> bool:
+        return self._state in _DONE_STATES
 
     def result(self, timeout: float | None = None):
-        if not self.done():
+        if self._state == "FINISHED" and self._exception is None:
+            return self._result
+        if self._state not in _DONE_STATES:
             timeout = self._pool._wait(self, timeout)
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None):
-        if not self.done():
+        if self._state not in _DONE_STATES:
             timeout = self._pool._wait(self, timeout)
         return super().exception(timeout)
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        self._pool._on_cancel(self._seq)
+        return True
 
 
 class _Request:
@@ -336,18 +352,16 @@ class _BrokenHealth:
                            "PoolConfig(probe_timeout_s=None)") from self._exc
 
 
-@dataclass
 class _Work:
     """Side effects decided under the lock, carried out after releasing it."""
 
-    starts: list
-    settle: list  # (request, result, exception)
-    cancel: list  # grpc calls
-    close: list  # channels
+    __slots__ = ("starts", "settle", "cancel", "close")
 
-    @classmethod
-    def new(cls) -> "_Work":
-        return cls([], [], [], [])
+    def __init__(self) -> None:
+        self.starts: list[_Attempt] = []
+        self.settle: list = []  # (request, result, exception)
+        self.cancel: list = []  # grpc calls
+        self.close: list = []  # channels
 
 
 class TeacherPool(KnowledgeSource):
@@ -405,7 +419,10 @@ class TeacherPool(KnowledgeSource):
         self._id = uuid.uuid4().hex[:8]  # distinguishes request ids of pools in one job
         self._seq = itertools.count(1)  # next() is atomic under the GIL
 
-        self._lock = threading.Condition(threading.Lock())
+        # The lock guards all state; the dispatcher waits on the condition. Hot paths take the
+        # plain lock (`with` on a Condition runs Python code, twice per use).
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._closed = False
         self._kick = False  # dispatcher has something to do now
         self._teachers: dict[str, _Teacher] = {}
@@ -462,10 +479,10 @@ class TeacherPool(KnowledgeSource):
                 f"batch {batch_id} encodes to {size / 2**20:.1f} MiB, over max_message_bytes="
                 f"{self._config.max_message_bytes / 2**20:.0f} MiB; send smaller batches or raise "
                 "PoolConfig.max_message_bytes (and the teachers' limit)")
-        fut: Future = _PoolFuture(self)
+        fut: Future = _PoolFuture(self, seq)
         # Rows sent (the batch dimension shared by all inputs), checked against the answer.
         req = _Request(seq, batch_id, request_id, payload, fut, batch_rows(inputs), kept)
-        work = _Work.new()
+        work = _Work()
         with self._lock:
             if self._closed:
                 raise SourceClosedError("TeacherPool is closed; create a new one to submit more batches")
@@ -479,7 +496,6 @@ class TeacherPool(KnowledgeSource):
             if self._queue:  # no teacher free: let the dispatcher time it
                 self._kick_locked()
         self._do(work)
-        fut.add_done_callback(partial(self._on_future_done, req))
         return fut
 
     def set_endpoints(self, endpoints: Iterable[str]) -> None:
@@ -499,7 +515,7 @@ class TeacherPool(KnowledgeSource):
                 raise ConfigError(f"teacher endpoints must be 'host:port' strings, got {e!r}")
             if e.strip() not in wanted:
                 wanted.append(e.strip())
-        work = _Work.new()
+        work = _Work()
         probes: list[_Teacher] = []
         with self._lock:
             if self._closed:
@@ -548,7 +564,7 @@ class TeacherPool(KnowledgeSource):
 
     def close(self) -> None:
         """Stop the pool: pending batches fail with SourceClosedError, channels close. Idempotent."""
-        work = _Work.new()
+        work = _Work()
         with self._lock:
             if self._closed:
                 return
@@ -563,7 +579,7 @@ class TeacherPool(KnowledgeSource):
             for r in list(self._live.values()):
                 self._settle_locked(r, None, SourceClosedError(
                     f"TeacherPool closed while batch {r.batch_id} was waiting for a teacher"), work)
-            self._lock.notify_all()
+            self._cond.notify_all()
         self._do(work)
         if self._hub is not None:
             self._hub.close()
@@ -574,7 +590,7 @@ class TeacherPool(KnowledgeSource):
 
     def _kick_locked(self) -> None:
         self._kick = True
-        self._lock.notify()
+        self._cond.notify()
 
     def _assign_locked(self, now: float, work: _Work) -> None:
         """Give queued requests (oldest first) to free teachers."""
@@ -585,7 +601,8 @@ class TeacherPool(KnowledgeSource):
             if r.settled:  # cancelled or expired while queued
                 heapq.heappop(queue)
                 continue
-            cands = [t for t in self._teachers.values() if t.outstanding < limit and t.breaker.available(now)]
+            cands = [t for t in self._teachers.values()
+                     if t.outstanding < limit and (t.breaker.state == CLOSED or t.breaker.available(now))]
             if not cands:
                 return
             if r.failed_on:
@@ -635,7 +652,14 @@ class TeacherPool(KnowledgeSource):
         request, the other attempt is withdrawn (_drop_siblings_locked). Queued
         requests go first: hedges only use slots nobody is waiting for.
         """
-        if self._config.hedge_after_s is None or self._queue:
+        fixed = self._config.hedge_after_s
+        if fixed is None or self._queue:
+            return
+        # Every threshold is at least this (auto: hedge_min_s): most ticks end here, after one
+        # pass over the attempts in flight instead of a threshold and a sort per teacher.
+        floor = self._config.hedge_min_s if fixed == "auto" else fixed
+        oldest = min((a.started_at for t in self._teachers.values() for a in t.inflight), default=now)
+        if now - oldest < floor:
             return
         limit = self._config.max_in_flight_per_teacher
         for t in list(self._teachers.values()):
@@ -759,14 +783,16 @@ class TeacherPool(KnowledgeSource):
                 logger.debug("closing a teacher channel failed", exc_info=True)
         for a in work.starts:
             self._start(a)
-        for r, result, exc in work.settle:
-            try:
-                if exc is not None:
-                    r.future.set_exception(exc)
-                else:
-                    r.future.set_result(result)
-            except InvalidStateError:  # the caller cancelled it meanwhile
-                pass
+        if work.settle:
+            for r, result, exc in work.settle:
+                try:
+                    if exc is not None:
+                        r.future.set_exception(exc)
+                    else:
+                        r.future.set_result(result)
+                except InvalidStateError:  # the caller cancelled it meanwhile
+                    pass
+            self._wake_reader()
 
     def _start(self, a: _Attempt) -> None:
         r, local = a.request, a.teacher.local
@@ -776,11 +802,12 @@ class TeacherPool(KnowledgeSource):
                 raise LookupError(f"batch {r.batch_id} was settled before this attempt started")
             if local is not None and not local.closed and inputs is not None:
                 call = local.predict(r.request_id, list(inputs.items()), self._local_outputs_blob,
-                                     self._config.timeout_s)
+                                     self._config.timeout_s, partial(self._on_local_done, a))
             else:
                 if payload is None:  # first gRPC attempt of this batch (a hedge may race: same bytes)
                     payload = r.payload = serialize_request(r.request_id, inputs, self._outputs_blob)[0]
                 call = a.teacher.predict.future(payload, timeout=self._config.timeout_s)
+                local = None
         except Exception as exc:  # e.g. the channel was closed by a concurrent removal
             self._finish(a, None, exc)
             return
@@ -789,7 +816,13 @@ class TeacherPool(KnowledgeSource):
             cancel_now = a.finished  # abandoned before the call existed
         if cancel_now:
             call.cancel()
-        call.add_done_callback(partial(self._on_call_done, a))
+        if local is None:
+            call.add_done_callback(partial(self._on_call_done, a))
+
+    def _on_local_done(self, a: _Attempt, call: _local.LocalCall) -> None:
+        """The hub's reading thread: a local attempt has an outcome (as _on_call_done, fewer calls)."""
+        result, exc, cancelled = call.outcome()
+        self._finish(a, result, exc, cancelled=cancelled)
 
     def _on_call_done(self, a: _Attempt, call) -> None:
         """gRPC callback thread: one attempt has an outcome."""
@@ -801,7 +834,7 @@ class TeacherPool(KnowledgeSource):
 
     def _finish(self, a: _Attempt, resp, exc: BaseException | None, *, cancelled: bool = False) -> None:
         now = time.monotonic()
-        work = _Work.new()
+        work = _Work()
         decode = local_setup = False
         with self._lock:
             if a.finished:  # re-sent or withdrawn meanwhile: drop the late outcome
@@ -814,8 +847,10 @@ class TeacherPool(KnowledgeSource):
             t.inflight.discard(a)
             r.inflight.remove(a)
             if exc is None and not cancelled:
-                t.breaker.on_success()
-                local_setup = self._local_enabled and self._local_due_locked(t, now)
+                if t.breaker.state != CLOSED:
+                    t.breaker.on_success()
+                local_setup = (self._local_enabled and (t.local is None or t.local.closed)
+                               and self._local_due_locked(t, now))
                 latency = now - a.started_at
                 t.latency.add(latency)
                 t.samples.append(latency)
@@ -826,9 +861,10 @@ class TeacherPool(KnowledgeSource):
                 else:
                     decode = True
                     r.settled = True  # decoded and resolved below, outside the lock
-                    r.release()
+                    r.inputs = r.payload = None  # r.release(), inlined: this is the per-batch path
                     del self._live[r.seq]
-                    self._drop_siblings_locked(r, a, now, work)
+                    if r.inflight:
+                        self._drop_siblings_locked(r, a, now, work)
             else:
                 code, details = ("CANCELLED", "cancelled") if cancelled else _rpc_code_and_details(exc)
                 t.failures[code] += 1
@@ -866,7 +902,8 @@ class TeacherPool(KnowledgeSource):
                         t.failovers += 1
                         self._requeue_locked(r)
                         self._kick_locked()
-            self._assign_locked(now, work)
+            if self._queue:
+                self._assign_locked(now, work)
         self._do(work)
         if decode:
             self._deliver(r, resp, t.endpoint)
@@ -897,8 +934,7 @@ class TeacherPool(KnowledgeSource):
             self._n["completed"] += 1
         self._set(r.future, result, None)
 
-    @staticmethod
-    def _set(fut: Future, result, exc) -> None:
+    def _set(self, fut: Future, result, exc) -> None:
         try:
             if exc is not None:
                 fut.set_exception(exc)
@@ -906,38 +942,44 @@ class TeacherPool(KnowledgeSource):
                 fut.set_result(result)
         except InvalidStateError:
             pass
+        self._wake_reader()
 
     def _wait(self, fut: Future, timeout: float | None) -> float | None:
         """Pump the local hub until ``fut`` is done or ``timeout`` passes; return the time left.
 
         Without same-host teachers this returns at once (the future is then
-        settled by gRPC's callback thread). A gRPC answer that settles ``fut``
-        while this thread is in select() wakes it through the hub's pipe.
+        settled by gRPC's callback thread). A gRPC answer that settles a future
+        while this thread is in poll() wakes it (:meth:`_wake_reader`).
         """
         hub = self._hub
         if hub is None or not hub.connections:
             return timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        me = threading.get_ident()
-        # Settled by another thread (a gRPC answer) while this one is in select(): wake it.
-        fut.add_done_callback(lambda _f: threading.get_ident() == me or hub.wake())
-        while not fut.done():
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return 0.0
-            slice_s = 0.05 if left is None else min(left, 0.05)
-            if not hub.pump(slice_s, until=fut.done):
+        done = fut.done
+        while not done():
+            slice_s = 0.05
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return 0.0
+                slice_s = min(left, slice_s)
+            if not hub.pump(slice_s, until=done):
                 # Another thread is reading; its answers settle this future.
                 concurrent.futures.wait([fut], timeout=min(slice_s, 0.002))
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
-    def _on_future_done(self, r: _Request, fut: Future) -> None:
-        """The caller cancelled the batch: withdraw it (its answer is no longer wanted)."""
-        if not fut.cancelled():
-            return
-        work = _Work.new()
+    def _wake_reader(self) -> None:
+        """After settling a future outside the hub's pump: wake a thread blocked in its poll()."""
+        hub = self._hub
+        if hub is not None and hub.selecting:
+            hub.wake()
+
+    def _on_cancel(self, seq: int) -> None:
+        """The caller cancelled a batch's future: withdraw it (its answer is no longer wanted)."""
+        work = _Work()
         with self._lock:
-            if r.settled:
+            r = self._live.get(seq)
+            if r is None or r.settled:
                 return
             self._n["cancelled"] += 1
             r.settled = True
@@ -961,7 +1003,8 @@ class TeacherPool(KnowledgeSource):
         """Unverified teachers whose next health check is due (marked as probing)."""
         due = []
         for t in self._teachers.values():
-            if not t.probing and t.health is not None and t.breaker.health_check_due(now):
+            if t.breaker.state == UNVERIFIED and not t.probing and t.health is not None \
+                    and t.breaker.health_check_due(now):
                 t.probing = True
                 due.append(t)
         return due
@@ -986,7 +1029,7 @@ class TeacherPool(KnowledgeSource):
         else:
             ok, reason = False, f"{type(exc).__name__}: {exc}"
         now = time.monotonic()
-        work = _Work.new()
+        work = _Work()
         with self._lock:
             t.probing = False
             if self._closed or not t.live:
@@ -1086,12 +1129,12 @@ class TeacherPool(KnowledgeSource):
     def _dispatch_loop(self) -> None:
         """Fire breaker timers, send queued work and run the wait_timeout_s watchdog."""
         while True:
-            work = _Work.new()
+            work = _Work()
             with self._lock:
                 if self._closed:
                     return
                 if not self._kick:
-                    self._lock.wait(self._next_wakeup_locked(time.monotonic()))
+                    self._cond.wait(self._next_wakeup_locked(time.monotonic()))
                 self._kick = False
                 if self._closed:
                     return
