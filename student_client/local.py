@@ -103,7 +103,8 @@ class LocalCall:
 
     ``add_done_callback``, ``cancel``, ``cancelled``, ``done``, ``result`` and
     ``exception`` (the last two only once done: the pool calls them from the
-    done-callback), and ``outcome`` (all three at once). Lighter than a ``concurrent.futures.Future`` (no condition
+    done-callback), plus ``outcome`` (result, exception and cancelled in one
+    call). Lighter than a ``concurrent.futures.Future`` (no condition
     variable per call), since nothing ever blocks on it. It also holds what
     must outlive the call: the input tensors whose memory the teacher reads.
     """
