@@ -990,6 +990,7 @@ class TeacherPool(KnowledgeSource):
             if not self._closed:
                 self._assign_locked(time.monotonic(), work)
         self._do(work)
+        self._wake_reader()  # a thread may be waiting for this very future in the hub's poll()
 
     # ---------------------------------------------------------- health probes
 
