@@ -15,8 +15,11 @@ so each answer is matched to its batch.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -199,3 +202,27 @@ def test_private_batches_of_varying_sizes_reuse_staging_buffers_without_mixing_a
             out = f.result(timeout=60)["logits"]
             assert out.shape[0] == x.shape[0] and torch.equal(out[:, 0], x[:, 0])
         assert pool.stats().teachers[t.address].transport == "local"
+
+
+def test_cancelling_a_batch_from_another_thread_ends_a_wait_on_it_at_once():
+    # The waiting thread reads local answers itself, blocked in poll(); a cancel from
+    # another thread must wake it, not leave it waiting for the (slow) answer.
+    t = TeacherProcess(LATENCY, "--model-kwargs", f'{{"delay_ms": 1, "per_sample_ms": 100, "features": {FEATURES}}}',
+                       "--max-batch-size", "64")
+    with t, TeacherPool([t.address]) as pool:
+        _warm(pool)  # 2 rows: 0.2 s per batch
+        fut = pool.submit({"input": _batch(0, rows=60).share_memory_()}, batch_id="slow")  # 6 s
+        timer = threading.Timer(0.3, fut.cancel)
+        timer.start()
+        t0 = time.monotonic()
+        with pytest.raises(concurrent.futures.CancelledError):
+            fut.result(timeout=30)
+        waited = time.monotonic() - t0
+        timer.join()
+        assert waited < 3.0, f"the wait outlived the cancel by {waited - 0.3:.1f} s"
+        stats = pool.stats()
+        assert stats.cancelled == 1
+        # The pool goes on: the next batch is served locally.
+        x = _batch(1, rows=2)
+        assert torch.equal(pool.submit({"input": x}, batch_id="next").result(timeout=30)["logits"][:, 0], x[:, 0])
+        assert stats.teachers[t.address].transport == "local"

@@ -148,3 +148,30 @@ def test_codec_decode_itself_does_not_warn() -> None:
                    "assert codec.to_torch(m).sum().item() == 6\n")
     assert proc.returncode == 0, proc.stderr
     assert "not writable" not in proc.stderr, proc.stderr
+
+
+# ---- local transport framing (protos/localwire.py)
+
+
+def _chunks(data: bytes, size: int) -> list[memoryview]:
+    return [memoryview(data)[i:i + size] for i in range(0, len(data), size)]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 4096], ids=lambda n: f"reads_of_{n}")
+def test_frame_buffer_split_returns_every_frame_once_whatever_the_read_sizes(chunk: int) -> None:
+    from protos.localwire import FrameBuffer, encode_frame
+
+    payloads = [b"", b"a", os.urandom(300), b"xyz" * 50, os.urandom(17)]
+    stream = b"".join(encode_frame(p) for p in payloads)
+    fb = FrameBuffer(1 << 20)
+    got = []
+    for piece in _chunks(stream, chunk):
+        got += [bytes(f) for f in fb.split(piece)]  # frames are parsed (copied) before the next read
+    assert got == payloads
+
+
+def test_frame_buffer_split_rejects_an_oversized_frame() -> None:
+    from protos.localwire import FrameBuffer, FrameError, encode_frame
+
+    with pytest.raises(FrameError, match="over the limit of 8"):
+        FrameBuffer(8).split(memoryview(encode_frame(b"0123456789")))
