@@ -66,6 +66,18 @@ class FrameBuffer:
         self._buf += data
         self._fds.extend(fds)
 
+    def _frame_at(self, data, pos: int):
+        """``(payload slice, position after it)`` of the complete frame at ``pos``, or None."""
+        start = pos + HEADER.size
+        if len(data) < start:
+            return None
+        (n,) = HEADER.unpack_from(data, pos)
+        if n > self._max:
+            raise FrameError(f"frame of {n} bytes is over the limit of {self._max}")
+        if len(data) - start < n:
+            return None
+        return data[start:start + n], start + n
+
     def split(self, data) -> list:
         """Feed ``data`` (no descriptors); return the payloads of the frames now complete.
 
@@ -76,17 +88,11 @@ class FrameBuffer:
         if self._buf:
             self._buf += data
             return list(self.frames())
-        out = []
-        pos, size, head = 0, len(data), HEADER.size
-        while size - pos >= head:
-            (n,) = HEADER.unpack_from(data, pos)
-            if n > self._max:
-                raise FrameError(f"frame of {n} bytes is over the limit of {self._max}")
-            if size - pos - head < n:
-                break
-            out.append(data[pos + head:pos + head + n])
-            pos += head + n
-        if pos < size:
+        out, pos = [], 0
+        while (got := self._frame_at(data, pos)) is not None:
+            payload, pos = got
+            out.append(payload)
+        if pos < len(data):
             self._buf += data[pos:]
         return out
 
@@ -94,15 +100,9 @@ class FrameBuffer:
         """Yield each complete frame's payload (as ``bytes``)."""
         buf = self._buf
         pos = 0
-        while len(buf) - pos >= HEADER.size:
-            (n,) = HEADER.unpack_from(buf, pos)
-            if n > self._max:
-                raise FrameError(f"frame of {n} bytes is over the limit of {self._max}")
-            if len(buf) - pos - HEADER.size < n:
-                break
-            start = pos + HEADER.size
-            yield bytes(buf[start:start + n])
-            pos = start + n
+        while (got := self._frame_at(buf, pos)) is not None:
+            payload, pos = got
+            yield bytes(payload)
         if pos:
             del buf[:pos]
 

@@ -457,8 +457,7 @@ class LocalHub:
         self._ep = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._ep.register(self._wake_r, select.EPOLLIN)
-        self._by_fd: dict[int, LocalConnection] = {}
-        self._conns: set[LocalConnection] = set()
+        self._by_fd: dict[int, LocalConnection] = {}  # the open connections, by socket descriptor
         self._lock = threading.Lock()
         self._role = threading.Lock()  # held by the one thread reading the sockets
         self._stager = _Stager()
@@ -472,7 +471,7 @@ class LocalHub:
 
     @property
     def connections(self) -> int:
-        return len(self._conns)
+        return len(self._by_fd)
 
     def connect(self, path: str, *, teacher_id: str, token: str | None, timeout_s: float,
                 max_frame_bytes: int) -> LocalConnection:
@@ -513,23 +512,20 @@ class LocalHub:
             if self._closed:
                 sock.close()
                 raise ConnectionError("the teacher pool is closed")
-            self._conns.add(conn)
             self._by_fd[sock.fileno()] = conn
             self._ep.register(sock.fileno(), select.EPOLLIN)
         return conn
 
     def _forget(self, conn: LocalConnection) -> None:
         with self._lock:
-            if conn not in self._conns:
+            fd = conn.sock.fileno()  # -1 once closed (below, only here)
+            if fd < 0 or self._by_fd.get(fd) is not conn:
                 return
-            self._conns.discard(conn)
-            fd = conn.sock.fileno()
-            if fd >= 0:
-                self._by_fd.pop(fd, None)
-                try:
-                    self._ep.unregister(fd)
-                except (KeyError, ValueError, OSError):
-                    pass
+            del self._by_fd[fd]
+            try:
+                self._ep.unregister(fd)
+            except (KeyError, ValueError, OSError):
+                pass
             try:  # closed under the hub's lock: its descriptor number cannot be reused by a
                 conn.sock.close()  # new connection while it is still mapped to this one
             except OSError:
@@ -562,7 +558,7 @@ class LocalHub:
                 now = time.monotonic()
                 if now >= self._next_expiry:
                     self._next_expiry = now + self._EXPIRE_EVERY_S
-                    for c in list(self._conns):
+                    for c in list(self._by_fd.values()):
                         c._expire(now, done)
                     if done:
                         break
@@ -600,7 +596,7 @@ class LocalHub:
             if self._closed:
                 return
             self._closed = True
-            conns = list(self._conns)
+            conns = list(self._by_fd.values())
         for c in conns:
             c.close("the teacher pool is closing")
         self.wake()
