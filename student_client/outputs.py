@@ -2,25 +2,40 @@
 
 :class:`OutputSpec` describes one requested output (name, transform,
 temperature, top-k, returned dtype) and is validated at construction.
-A dense answer decodes to a ``torch.Tensor``; a top-k answer decodes to a
-:class:`TopK` (values + int64 indices + the dense shape), which
-:meth:`TopK.dense` turns back into a dense tensor.
+Every answer says what it is, so a loss never has to be told twice:
+
+* a dense answer is a :class:`Dense`, a ``torch.Tensor`` subclass carrying
+  ``.transform`` and ``.temperature`` (everything a tensor does works on it;
+  the result of an operation is a plain tensor, see :class:`Dense`);
+* a top-k answer is a :class:`TopK` (values + int64 indices + the dense
+  shape, and the same two attributes), which :meth:`TopK.dense` turns back
+  into a dense tensor.
 
 The transform semantics are those of ``protos/edistill/v1/teacher.proto``:
-``raw`` returns the output unchanged (temperature ignored unless top-k ranks
-it), ``probs``/``log_probs`` apply ``(log_)softmax(x / T)`` over the last
-dimension, and ``top_k > 0`` keeps the k largest entries after the transform.
-:func:`apply_spec` implements the same semantics locally, so an in-process
-teacher gives exactly what a served one would.
+``raw`` returns the output unchanged (temperature ignored: an answer's
+temperature is then 1.0), ``probs``/``log_probs`` apply
+``(log_)softmax(x / T)`` over the last dimension, and ``top_k > 0`` keeps the
+k largest entries after the transform. :func:`apply_spec` calls the teacher
+server's own implementation (:func:`protos.outputs.apply_transform`), so an
+in-process teacher answers bit for bit what a served one does.
+
+A loss (anything with a ``needs`` tuple of :class:`OutputSpec`, such as
+:class:`~student_client.losses.KDLoss`) may stand wherever outputs are asked
+for: :func:`normalize_outputs` requests what it needs.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Sequence, Union
+
+import numpy as np
 
 from protos import codec
+from protos import outputs as shared
 from protos.edistill.v1 import teacher_pb2 as pb
 
 from .errors import ConfigError, TeacherRequestError, TeacherResponseError
@@ -29,18 +44,21 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "Dense",
     "OutputSpec",
     "TeacherValue",
     "TopK",
     "apply_spec",
     "decode_response",
+    "dense_answer",
     "normalize_outputs",
     "output_requests",
 ]
 
-_TRANSFORMS = {"raw": pb.RAW, "probs": pb.PROBS, "log_probs": pb.LOG_PROBS}
-_TRANSFORM_NAMES = {v: k for k, v in _TRANSFORMS.items()}
+_TRANSFORMS = shared.TRANSFORMS
+_TRANSFORM_NAMES = shared.TRANSFORM_NAMES
 _VALUE_DTYPES = ("float32", "float16", "bfloat16")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -51,8 +69,9 @@ class OutputSpec:
         name: model output name (``"logits"`` for a model returning one tensor,
             ``"output0"``... for a tuple, the keys of a dict).
         transform: ``"raw"``, ``"probs"`` or ``"log_probs"``.
-        temperature: softening temperature T > 0 for probs/log_probs (and for
-            ranking raw values under top-k); 1.0 means no softening.
+        temperature: softening temperature T > 0 for probs/log_probs; 1.0 means
+            no softening. Sent as a float32; ignored for ``raw`` (a raw answer
+            reports 1.0, and a loss softens raw logits at its own T).
         top_k: 0 for a dense answer; k > 0 for only the k largest entries of the
             last dimension (a :class:`TopK`).
         dtype: dtype of the returned values: float32, float16 or bfloat16
@@ -72,8 +91,10 @@ class OutputSpec:
             raise ConfigError(
                 f"OutputSpec.transform must be one of {', '.join(_TRANSFORMS)}, got {self.transform!r}")
         t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-            raise ConfigError(f"OutputSpec.temperature must be a finite number > 0, got {t!r}")
+        # The wire carries a float32: T must stay finite and > 0 there too (a 0 would mean 1.0).
+        if (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0
+                or t > _FLOAT32_MAX or np.float32(t) == 0):
+            raise ConfigError(f"OutputSpec.temperature must be a finite number > 0 (as a float32), got {t!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ConfigError(f"OutputSpec.top_k must be an int >= 0, got {self.top_k!r}")
         if self.dtype not in _VALUE_DTYPES:
@@ -146,18 +167,122 @@ class TopK:
                     self.dense_shape, self.transform, self.temperature)
 
 
+# --- Dense answers ------------------------------------------------------------
+# The class derives from torch.Tensor, so it is defined on first use: this
+# module is imported without torch (``import student_client`` stays cheap).
+_DENSE: Any = None
+_DENSE_LOCK = threading.Lock()  # two threads decoding the first answers must build one class
+
+
+def _define_dense() -> type:
+    import torch
+    from torch._C import DisableTorchFunctionSubclass
+
+    # Moves of the same values: the answer (and so its metadata) is unchanged.
+    keep = frozenset({torch.Tensor.to, torch.Tensor.pin_memory, torch.Tensor.cpu, torch.Tensor.cuda})
+
+    class Dense(torch.Tensor):
+        """A dense teacher answer: a ``torch.Tensor`` that knows its transform and temperature.
+
+        Everything a tensor does works on it (``.shape``, ``.argmax()``,
+        arithmetic, ``F.*``); ``isinstance(answer, torch.Tensor)`` is true. The
+        metadata describes *this exact answer*: the result of any operation is
+        a plain ``torch.Tensor`` (``answer / 2`` is no longer log-probs at T),
+        except the moves ``.to()``, ``.cpu()``, ``.cuda()`` and
+        ``.pin_memory()``, which keep it. (In-place operations return the same
+        object with its metadata; answers are read-only views, don't.)
+        Picklable and deep-copyable; build one with :func:`dense_answer`.
+
+        Attributes:
+            transform: ``"raw"``, ``"probs"`` or ``"log_probs"``.
+            temperature: the temperature applied (1.0 for ``raw``).
+        """
+
+        transform: str = "raw"  # class defaults, for a Dense made by hand with as_subclass
+        temperature: float = 1.0
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            # Run the op as on a plain tensor: the result is a torch.Tensor,
+            # not re-wrapped (torch's default would make it a Dense).
+            with DisableTorchFunctionSubclass():
+                out = func(*args, **(kwargs or {}))
+            if func in keep and out is not args[0] and isinstance(args[0], cls):
+                out = dense_answer(out, args[0].transform, args[0].temperature)
+            return out
+
+        def __deepcopy__(self, memo):
+            with DisableTorchFunctionSubclass():
+                plain = torch.Tensor.as_subclass(self, torch.Tensor)
+            copied = dense_answer(copy.deepcopy(plain, memo), self.transform, self.temperature)
+            memo[id(self)] = copied
+            return copied
+
+        def __repr__(self, *, tensor_contents=None) -> str:
+            with DisableTorchFunctionSubclass():
+                text = torch.Tensor.__repr__(self, tensor_contents=tensor_contents)  # "Dense(...)"
+            return f"{text[:-1]}, transform={self.transform!r}, temperature={self.temperature})"
+
+    # pickle finds it as student_client.outputs.Dense (through the module's __getattr__)
+    Dense.__module__, Dense.__qualname__ = __name__, "Dense"
+    return Dense
+
+
+def _dense_class() -> type:
+    global _DENSE
+    with _DENSE_LOCK:
+        if _DENSE is None:
+            _DENSE = _define_dense()
+    return _DENSE
+
+
+def dense_answer(values: "torch.Tensor", transform: str = "raw", temperature: float = 1.0) -> "Dense":
+    """``values`` (any shape, shared, not copied) as a :class:`Dense` answer with this metadata.
+
+    On the per-batch path: ``as_subclass`` and two attribute sets.
+    """
+    d = values.as_subclass(_DENSE or _dense_class())
+    d.transform = transform
+    d.temperature = temperature
+    return d
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Dense":
+        return _dense_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    import torch
+
+    class Dense(torch.Tensor):
+        transform: str
+        temperature: float
+
+
 #: What a knowledge source returns per output name.
-TeacherValue = Union["torch.Tensor", TopK]
+TeacherValue = Union["Dense", TopK]
 
 
-def normalize_outputs(outputs: Iterable[str | OutputSpec] | str | OutputSpec) -> tuple[OutputSpec, ...]:
-    """Turn ``"logits"``, ``["logits", OutputSpec(...)]`` into a tuple of specs.
+def normalize_outputs(outputs: Iterable[str | OutputSpec] | str | OutputSpec | Any) -> tuple[OutputSpec, ...]:
+    """Turn ``"logits"``, ``["logits", OutputSpec(...)]`` or a loss into a tuple of specs.
+
+    A loss is anything with a ``needs`` attribute (a sequence of
+    :class:`OutputSpec`, as :class:`~student_client.losses.Loss` has): the
+    outputs are then exactly what it needs, so each one is stated once.
 
     Raises:
         ConfigError: empty, wrong types, or a name requested twice.
     """
     if isinstance(outputs, (str, OutputSpec)):
         outputs = (outputs,)
+    elif hasattr(outputs, "needs"):
+        needs = outputs.needs
+        if isinstance(needs, (str, OutputSpec)) or not needs:
+            raise ConfigError(f"outputs={type(outputs).__name__}(...) needs no teacher output ({needs!r}); "
+                              "pass a loss with a teacher term, e.g. KDLoss(...) + CELoss(), or OutputSpecs")
+        outputs = needs
     specs: list[OutputSpec] = []
     for o in outputs:
         if isinstance(o, str):
@@ -216,6 +341,12 @@ def _check_top_k(name: str, spec: OutputSpec, values: "torch.Tensor", indices: "
                 f"output {name!r}: top-k indices must be in [0, {c}), got values in [{int(low)}, {int(high)}]")
 
 
+def _applied(o: pb.Output, spec: OutputSpec) -> tuple[str, float]:
+    """The transform and temperature the teacher says it applied (its echo; the request's where it sent none)."""
+    transform = _TRANSFORM_NAMES.get(o.transform, spec.transform)
+    return transform, shared.answer_temperature(_TRANSFORMS[transform], o.temperature or spec.temperature)
+
+
 def decode_response(resp: pb.PredictResponse, specs: Sequence[OutputSpec], *,
                     endpoint: str | None = None, batch_id=None,
                     batch_size: int | None = None) -> dict[str, TeacherValue]:
@@ -252,12 +383,10 @@ def decode_response(resp: pb.PredictResponse, specs: Sequence[OutputSpec], *,
                 dense_shape = tuple(int(d) for d in o.dense_shape)
                 _check_top_k(spec.name, spec, values, indices, dense_shape)
                 _check_rows(spec.name, dense_shape, batch_size)
-                result[spec.name] = TopK(values, indices, dense_shape,
-                                         _TRANSFORM_NAMES.get(o.transform, spec.transform),
-                                         float(o.temperature or spec.temperature))
+                result[spec.name] = TopK(values, indices, dense_shape, *_applied(o, spec))
             else:
                 _check_rows(spec.name, tuple(values.shape), batch_size)
-                result[spec.name] = values
+                result[spec.name] = dense_answer(values, *_applied(o, spec))
         except codec.CodecError as exc:
             raise TeacherResponseError(f"teacher {endpoint} sent a malformed answer for batch {batch_id}: {exc}",
                                        code=None, details=str(exc), endpoint=endpoint, batch_id=batch_id) from exc
@@ -267,8 +396,15 @@ def decode_response(resp: pb.PredictResponse, specs: Sequence[OutputSpec], *,
 def apply_spec(output: "torch.Tensor", spec: OutputSpec) -> TeacherValue:
     """Apply ``spec``'s transform, top-k and dtype to a model output, as a teacher server does.
 
+    The same code as the server's (:func:`protos.outputs.apply_transform`,
+    with the temperature rounded to float32 as on the wire), so the answer is
+    identical bit for bit, metadata included.
+
     Args:
         output: ``(B, ..., C)`` floating-point model output.
+
+    Returns:
+        a :class:`Dense` or, for ``top_k > 0``, a :class:`TopK`.
 
     Raises:
         TeacherRequestError: (code ``INVALID_ARGUMENT``) ``top_k`` exceeds ``C``
@@ -277,21 +413,16 @@ def apply_spec(output: "torch.Tensor", spec: OutputSpec) -> TeacherValue:
     """
     import torch
 
-    x = output.detach()
-    if spec.top_k > 0:
-        if x.dim() < 2:
-            _invalid(f"output {spec.name!r} has no dimension besides the batch; top_k needs one")
-        if spec.top_k > x.shape[-1]:
-            _invalid(f"output {spec.name!r}: top_k={spec.top_k} exceeds its last dimension ({x.shape[-1]})")
-    if spec.transform != "raw":
-        x = x.float() / spec.temperature
-        x = torch.softmax(x, dim=-1) if spec.transform == "probs" else torch.log_softmax(x, dim=-1)
-    dtype = getattr(torch, spec.dtype)
-    if spec.top_k > 0:
-        values, indices = torch.topk(x, spec.top_k, dim=-1)  # (B, ..., k), sorted descending
-        return TopK(values.to(dtype), indices.to(torch.int64), tuple(x.shape), spec.transform,
-                    float(spec.temperature))
-    return x.to(dtype)
+    wire = _TRANSFORMS[spec.transform]
+    temperature = shared.answer_temperature(wire, spec.temperature)
+    try:
+        values, indices = shared.apply_transform(output.detach(), spec.name, wire, temperature, spec.top_k,
+                                                 getattr(torch, spec.dtype))
+    except shared.TransformError as exc:
+        _invalid(str(exc))
+    if indices is None:
+        return dense_answer(values, spec.transform, temperature)
+    return TopK(values, indices, tuple(output.shape), spec.transform, temperature)
 
 
 def _invalid(details: str) -> None:

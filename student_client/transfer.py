@@ -6,6 +6,11 @@ training step instead of stalling it. Pinning only pays (and only works) for
 CUDA targets with a CUDA runtime, so it is skipped for any other device.
 PyTorch's caching host allocator keeps the pinned buffer alive until the
 asynchronous copy has finished, so the buffer may be dropped right away.
+
+Answers keep what they are: a :class:`~student_client.outputs.TopK` moves its
+values and indices, and a :class:`~student_client.outputs.Dense` stays a
+``Dense`` with its transform and temperature (its ``pin_memory()`` and
+``to()`` keep them).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ def _move(value: Any, device: "torch.device", pin: bool) -> Any:
 
 
 def move_outputs(outputs: Mapping[str, Any], device: "torch.device", *, pin: bool | None = None) -> dict[str, Any]:
-    """``{name: tensor | TopK}`` on ``device``; pinned + non-blocking for CUDA targets.
+    """``{name: Dense | tensor | TopK}`` on ``device``; pinned + non-blocking for CUDA targets.
 
     Args:
         pin: force pinning on or off; default :func:`should_pin`.

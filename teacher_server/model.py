@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from protos.outputs import name_outputs  # re-exported: the one output naming, shared with the student
 from teacher_server.errors import ConfigError, ModelLoadError, SignatureError
 from teacher_server.signature import (
     TensorSpec,
@@ -56,22 +57,6 @@ _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _WARMUP_BATCH = 2
 # Size given to free (-1) non-batch dims in the warm-up pass.
 _WARMUP_FREE_DIM = 8
-
-
-def name_outputs(out: Any) -> dict[str, torch.Tensor]:
-    """Name a model's return value: tensor -> logits, tuple -> outputN, dict -> keys."""
-    if isinstance(out, torch.Tensor):
-        return {"logits": out}
-    if isinstance(out, Mapping):
-        named = {str(k): v for k, v in out.items()}
-    elif isinstance(out, (tuple, list)):
-        named = {f"output{i}": v for i, v in enumerate(out)}
-    else:
-        raise TypeError(f"model returned {type(out).__name__}; expected a tensor, tuple/list or dict of tensors")
-    for k, v in named.items():
-        if not isinstance(v, torch.Tensor):
-            raise TypeError(f"model output {k!r} is a {type(v).__name__}, not a tensor")
-    return named
 
 
 @dataclass

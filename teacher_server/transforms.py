@@ -2,10 +2,13 @@
 
 The forward pass is shared by every request in a batch; these run on each
 request's slice of the outputs, so requests asking for different transforms
-can share a batch. Semantics follow docs/internals.md: ``RAW`` returns the
-output unchanged (temperature ignored); ``PROBS``/``LOG_PROBS`` apply
-``(log_)softmax(x / T)`` over the last dim; ``top_k > 0`` keeps the k largest
-entries after the transform, as values plus int64 indices.
+can share a batch. The semantics (docs/internals.md) and their one
+implementation live in :mod:`protos.outputs`, which the student's in-process
+teacher calls too: ``RAW`` returns the output unchanged (temperature
+ignored); ``PROBS``/``LOG_PROBS`` apply ``(log_)softmax(x / T)`` over the last
+dim; ``top_k > 0`` keeps the k largest entries after the transform, as values
+plus int64 indices. This module validates the requests against the model's
+outputs (:func:`plan_outputs`) and maps a transform error to INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Sequence
 
 import torch
 
+from protos import outputs as shared
 from protos.edistill.v1 import teacher_pb2 as pb
 from teacher_server.errors import InvalidRequest
 from teacher_server.signature import TORCH_OF_WIRE, TensorSpec
@@ -54,14 +58,13 @@ def plan_outputs(requested: Sequence[pb.OutputRequest], outputs: Sequence[Tensor
         spec = by_name.get(req.name)
         if spec is None:
             raise InvalidRequest(f"unknown output {req.name!r}; this model has {', '.join(by_name)}")
-        if req.transform not in (pb.RAW, pb.PROBS, pb.LOG_PROBS):
+        if req.transform not in shared.TRANSFORM_NAMES:
             raise InvalidRequest(f"output {req.name!r}: unknown transform {req.transform}")
         temperature = req.temperature or 1.0
         if not (math.isfinite(temperature) and temperature > 0):
             raise InvalidRequest(f"output {req.name!r}: temperature must be a finite number > 0, got {req.temperature}")
-        if req.transform == pb.RAW:
-            temperature = 1.0
-        elif not spec.dtype.is_floating_point:
+        temperature = shared.answer_temperature(req.transform, temperature)
+        if req.transform != pb.RAW and not spec.dtype.is_floating_point:
             raise InvalidRequest(f"output {req.name!r} is {spec.dtype_name}; probs/log-probs need a float output")
         if req.top_k:
             if not spec.shape:
@@ -85,16 +88,13 @@ def apply_plan(x: torch.Tensor, plan: OutputPlan) -> tuple[torch.Tensor, torch.T
 
     Returns (values, indices): values (B, ..., C) or (B, ..., k); indices
     (B, ..., k) int64 for top-k, else None. Computed in float32 whatever the
-    model's precision, then cast to the requested dtype.
+    model's precision, then cast to the requested dtype
+    (:func:`protos.outputs.apply_transform`).
+
+    Raises:
+        InvalidRequest: ``top_k`` exceeds a free last dimension.
     """
-    if plan.transform != pb.RAW:
-        z = x.float() / plan.temperature if plan.temperature != 1.0 else x.float()
-        x = torch.softmax(z, dim=-1) if plan.transform == pb.PROBS else torch.log_softmax(z, dim=-1)
-    indices = None
-    if plan.top_k:
-        if plan.top_k > x.shape[-1]:  # only reachable for free last dims
-            raise InvalidRequest(f"output {plan.name!r}: top_k={plan.top_k} exceeds its last dimension ({x.shape[-1]})")
-        x, indices = torch.topk(x, plan.top_k, dim=-1, largest=True, sorted=True)
-    if plan.dtype is not None and x.dtype != plan.dtype:
-        x = x.to(plan.dtype)
-    return x, indices
+    try:
+        return shared.apply_transform(x, plan.name, plan.transform, plan.temperature, plan.top_k, plan.dtype)
+    except shared.TransformError as exc:  # only reachable for free last dims: plan_outputs checked the rest
+        raise InvalidRequest(str(exc)) from exc

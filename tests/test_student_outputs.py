@@ -10,6 +10,7 @@ from protos import codec
 from protos.edistill.v1 import teacher_pb2 as pb
 from student_client import InProcessTeacher, OutputSpec
 from student_client.errors import StudentError, TeacherRequestError, TeacherResponseError
+from student_client.sources import SourceRequest
 from student_client.outputs import TopK, apply_spec, decode_response
 
 ENDPOINT = "10.0.0.9:50051"
@@ -92,14 +93,14 @@ def test_apply_spec_refuses_top_k_larger_than_the_output_like_a_served_teacher()
 
 def test_in_process_teacher_answers_a_bad_top_k_with_invalid_argument():
     teacher = InProcessTeacher(torch.nn.Linear(3, 4), outputs=[OutputSpec(top_k=10)])
-    error = teacher.submit({"": torch.ones(2, 3)}, batch_id=11).exception(timeout=5)
+    error = teacher.submit(SourceRequest({"": torch.ones(2, 3)}, batch_id=11)).exception(timeout=5)
     assert isinstance(error, TeacherRequestError) and error.code == "INVALID_ARGUMENT"
     assert error.batch_id == 11 and "top_k=10 exceeds its last dimension (4)" in str(error)
 
 
 def test_in_process_teacher_wraps_model_exceptions_in_the_student_error_tree():
     teacher = InProcessTeacher(torch.nn.Linear(3, 4))
-    error = teacher.submit({"": torch.ones(2, 5)}, batch_id=12).exception(timeout=5)  # wrong feature size
+    error = teacher.submit(SourceRequest({"": torch.ones(2, 5)}, batch_id=12)).exception(timeout=5)  # wrong feature size
     assert isinstance(error, StudentError) and isinstance(error, TeacherRequestError)
     assert error.code == "INTERNAL" and error.batch_id == 12
     assert isinstance(error.__cause__, RuntimeError)

@@ -1,0 +1,27 @@
+"""Distillation losses: what each needs from the teacher, and the loss of a batch.
+
+Every loss is a :class:`Loss` (an ``nn.Module``) with ``needs`` (the teacher
+outputs it reads, as :class:`~student_client.outputs.OutputSpec`) and a call
+``loss(student, teacher, labels=None)``. Losses scale and add into a
+:class:`WeightedLoss` whose needs are the union of its terms', so the reader
+requests what the loss reads (``DistillReader(..., outputs=loss)``) and each
+output is stated once::
+
+    criterion = 0.9 * KDLoss(temperature=4.0) + 0.1 * CELoss()
+
+Modules, one family each (each loss cites its paper and gives its formula):
+
+* :mod:`.response` -- Hinton KD over dense or top-k answers (:func:`kd_loss`,
+  :class:`KDLoss`) and the hard-label :class:`CELoss`.
+* :mod:`.base` -- the protocol (:class:`Loss`) and :class:`WeightedLoss`.
+
+``sequence`` (token-level KL / JSD), ``feature`` (hints, attention transfer)
+and ``relation`` (RKD, similarity-preserving) follow the same protocol.
+"""
+
+from __future__ import annotations
+
+from .base import Loss, WeightedLoss
+from .response import CELoss, KDLoss, kd_loss
+
+__all__ = ["CELoss", "KDLoss", "Loss", "WeightedLoss", "kd_loss"]
