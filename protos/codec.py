@@ -9,6 +9,10 @@ responses are built in place without intermediate message copies.
 bfloat16 has no numpy dtype: :func:`to_numpy` returns its raw bits as
 ``uint16`` (use :func:`to_torch` for a real bfloat16 tensor).
 
+This module is the one home of the wire dtype maps: :data:`DTYPE_NAMES`
+(names), :data:`WIRE_OF_NP` (numpy) and :func:`torch_dtype_maps` (torch,
+built once on first use, so numpy-only users never import torch).
+
 Every malformed tensor raises :class:`CodecError` (a ``ValueError``) whose
 message names the tensor and what is wrong with it.
 """
@@ -30,12 +34,14 @@ if TYPE_CHECKING:  # torch is optional for users of the numpy half
 __all__ = [
     "CodecError",
     "DTYPE_NAMES",
+    "WIRE_OF_NP",
     "dtype_from_name",
     "dtype_name",
     "encode",
     "itemsize",
     "to_numpy",
     "to_torch",
+    "torch_dtype_maps",
     "varint",
 ]
 
@@ -64,7 +70,8 @@ _NP_OF_WIRE: dict[int, np.dtype] = {
     pb.BOOL: np.dtype("?"),
 }
 
-_WIRE_OF_NP: dict[str, int] = {
+#: numpy dtype name -> wire dtype of the arrays that can be sent (bfloat16: send a torch tensor).
+WIRE_OF_NP: dict[str, int] = {
     "float32": pb.FLOAT32,
     "float16": pb.FLOAT16,
     "int64": pb.INT64,
@@ -84,6 +91,31 @@ DTYPE_NAMES: dict[str, int] = {
     "bool": pb.BOOL,
 }
 _NAME_OF_WIRE = {v: k for k, v in DTYPE_NAMES.items()}
+
+_TORCH_MAPS: "tuple[dict[int, torch.dtype], dict[torch.dtype, int]] | None" = None
+
+
+def torch_dtype_maps() -> "tuple[dict[int, torch.dtype], dict[torch.dtype, int]]":
+    """``(torch dtype of each wire dtype, wire dtype of each torch dtype)``.
+
+    Built on the first call (which imports torch) and the same two dicts
+    afterwards, so hot paths can hold them and look up in one dict access.
+    """
+    global _TORCH_MAPS
+    if _TORCH_MAPS is None:
+        import torch
+
+        torch_of_wire = {
+            pb.FLOAT32: torch.float32,
+            pb.FLOAT16: torch.float16,
+            pb.BFLOAT16: torch.bfloat16,
+            pb.INT64: torch.int64,
+            pb.INT32: torch.int32,
+            pb.UINT8: torch.uint8,
+            pb.BOOL: torch.bool,
+        }
+        _TORCH_MAPS = torch_of_wire, {v: k for k, v in torch_of_wire.items()}
+    return _TORCH_MAPS
 
 
 def varint(n: int) -> bytes:
@@ -125,19 +157,8 @@ def itemsize(wire_dtype: int) -> int:
 
 
 def _torch_wire_dtype(t: "torch.Tensor") -> int:
-    import torch
-
-    table = {
-        torch.float32: pb.FLOAT32,
-        torch.float16: pb.FLOAT16,
-        torch.bfloat16: pb.BFLOAT16,
-        torch.int64: pb.INT64,
-        torch.int32: pb.INT32,
-        torch.uint8: pb.UINT8,
-        torch.bool: pb.BOOL,
-    }
     try:
-        return table[t.dtype]
+        return torch_dtype_maps()[1][t.dtype]
     except KeyError:
         raise CodecError(
             f"cannot send a tensor of dtype {t.dtype}; supported: {', '.join(DTYPE_NAMES)}"
@@ -156,10 +177,10 @@ def encode(value: Any, out: pb.Tensor | None = None, *, name: str | None = None)
     if isinstance(value, np.ndarray):
         arr = value
         try:
-            wire = _WIRE_OF_NP[arr.dtype.name]
+            wire = WIRE_OF_NP[arr.dtype.name]
         except KeyError:
             raise CodecError(
-                f"cannot send an array of dtype {arr.dtype}; supported: {', '.join(_WIRE_OF_NP)} "
+                f"cannot send an array of dtype {arr.dtype}; supported: {', '.join(WIRE_OF_NP)} "
                 "(bfloat16 via torch tensors)"
             ) from None
         if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and not _LITTLE):

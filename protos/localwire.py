@@ -1,6 +1,10 @@
-"""Framing and host identity for the same-host transport (``local.proto``).
+"""The same-host transport's shared definitions (``local.proto``): version, framing, status codes, host identity.
 
-Both ends of the local transport use these: a frame is a 4-byte
+The one home of what both ends of the local transport must agree on: the
+protocol version (:data:`PROTOCOL_VERSION`, sent in ``LocalHello`` and
+``LocalWelcome``), the gRPC status numbers carried in ``code`` fields
+(:data:`STATUS_NAMES`; protos does not import grpc, so each side builds its
+own ``grpc.StatusCode`` lookup from the names), and the framing: a frame is a 4-byte
 little-endian length followed by one serialized message, and descriptors
 passed with SCM_RIGHTS are queued in arrival order so each LocalRequest takes
 its ``fd_count`` of them when the frame is complete (the kernel delivers a
@@ -15,7 +19,24 @@ import os
 import socket
 import struct
 
-__all__ = ["HEADER", "MAX_FDS_PER_FRAME", "FrameBuffer", "FrameError", "encode_frame", "host_id"]
+__all__ = ["HEADER", "MAX_FDS_PER_FRAME", "PROTOCOL_VERSION", "STATUS_NAMES", "STATUS_NUMBERS", "FrameBuffer",
+           "FrameError", "encode_frame", "frame_parts", "host_id"]
+
+#: The ``local.proto`` version both ends speak (``LocalHello.version``, ``LocalWelcome.version``).
+PROTOCOL_VERSION = 1
+
+#: gRPC status number -> ``grpc.StatusCode`` name, for the ``code`` fields of
+#: ``LocalWelcome`` and ``LocalReply`` (the numbers of the gRPC spec, which
+#: ``grpc.StatusCode[name].value[0]`` also gives; a test checks they agree).
+#: Build a lookup with ``{n: grpc.StatusCode[name] for n, name in STATUS_NAMES.items()}``.
+STATUS_NAMES: dict[int, str] = {
+    0: "OK", 1: "CANCELLED", 2: "UNKNOWN", 3: "INVALID_ARGUMENT", 4: "DEADLINE_EXCEEDED", 5: "NOT_FOUND",
+    6: "ALREADY_EXISTS", 7: "PERMISSION_DENIED", 8: "RESOURCE_EXHAUSTED", 9: "FAILED_PRECONDITION",
+    10: "ABORTED", 11: "OUT_OF_RANGE", 12: "UNIMPLEMENTED", 13: "INTERNAL", 14: "UNAVAILABLE",
+    15: "DATA_LOSS", 16: "UNAUTHENTICATED",
+}
+#: The reverse of :data:`STATUS_NAMES`: status name -> number.
+STATUS_NUMBERS: dict[str, int] = {name: n for n, name in STATUS_NAMES.items()}
 
 HEADER = struct.Struct("<I")
 #: Upper bound on descriptors per LocalRequest (one per input tensor at most).
@@ -47,6 +68,11 @@ def host_id() -> str:
 def encode_frame(payload: bytes) -> bytes:
     """Length-prefixed frame of one serialized message."""
     return HEADER.pack(len(payload)) + payload
+
+
+def frame_parts(*parts: bytes) -> list[bytes]:
+    """One frame whose payload is ``parts`` joined, as buffers for ``sendmsg`` (the parts are not copied)."""
+    return [HEADER.pack(sum(len(p) for p in parts)), *parts]
 
 
 class FrameBuffer:

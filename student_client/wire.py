@@ -26,9 +26,8 @@ from protos.edistill.v1 import teacher_pb2 as pb
 
 __all__ = ["as_wire_array", "fast_nbytes", "serialize_request", "torch_wire_dtype"]
 
-_WIRE_OF_NP = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "int64": pb.INT64, "int32": pb.INT32,
-               "uint8": pb.UINT8, "bool": pb.BOOL}
-_TORCH_WIRE: dict | None = None  # torch dtype -> wire dtype, built on first use (torch import is lazy)
+_WIRE_OF_NP = codec.WIRE_OF_NP
+_TORCH_WIRE: dict | None = None  # codec's torch dtype -> wire dtype dict, fetched on first use (torch import is lazy)
 _TENSOR: type | None = None  # torch.Tensor, set with _TORCH_WIRE
 _FAST = sys.byteorder == "little"
 
@@ -39,8 +38,7 @@ def _torch_wire() -> dict:
         import torch
 
         _TENSOR = torch.Tensor
-        _TORCH_WIRE = {torch.float32: pb.FLOAT32, torch.float16: pb.FLOAT16, torch.bfloat16: pb.BFLOAT16,
-                       torch.int64: pb.INT64, torch.int32: pb.INT32, torch.uint8: pb.UINT8, torch.bool: pb.BOOL}
+        _TORCH_WIRE = codec.torch_dtype_maps()[1]
     return _TORCH_WIRE
 
 

@@ -35,16 +35,10 @@ __all__ = [
     "signature_to_json",
 ]
 
-TORCH_OF_WIRE: dict[int, torch.dtype] = {
-    pb.FLOAT32: torch.float32,
-    pb.FLOAT16: torch.float16,
-    pb.BFLOAT16: torch.bfloat16,
-    pb.INT64: torch.int64,
-    pb.INT32: torch.int32,
-    pb.UINT8: torch.uint8,
-    pb.BOOL: torch.bool,
-}
-WIRE_OF_TORCH: dict[torch.dtype, int] = {v: k for k, v in TORCH_OF_WIRE.items()}
+# The codec's maps (protos/codec.py is their one home), under the names the teacher imports.
+TORCH_OF_WIRE: dict[int, torch.dtype]
+WIRE_OF_TORCH: dict[torch.dtype, int]
+TORCH_OF_WIRE, WIRE_OF_TORCH = codec.torch_dtype_maps()
 
 # Bumped if the embedded JSON layout changes; readers reject unknown versions.
 _SIGNATURE_FORMAT = 1

@@ -175,3 +175,47 @@ def test_frame_buffer_split_rejects_an_oversized_frame() -> None:
 
     with pytest.raises(FrameError, match="over the limit of 8"):
         FrameBuffer(8).split(memoryview(encode_frame(b"0123456789")))
+
+
+def test_frame_parts_make_the_same_frame_as_encode_frame() -> None:
+    from protos.localwire import encode_frame, frame_parts
+
+    assert b"".join(frame_parts(b"head", b"", b"tail")) == encode_frame(b"headtail")
+    assert b"".join(frame_parts()) == encode_frame(b"")
+
+
+def test_local_status_names_are_grpcs_status_numbers() -> None:
+    import grpc
+
+    from protos.localwire import STATUS_NAMES, STATUS_NUMBERS
+
+    assert STATUS_NAMES == {code.value[0]: code.name for code in grpc.StatusCode}
+    assert all(STATUS_NAMES[n] == name for name, n in STATUS_NUMBERS.items())
+
+
+# ---- the one dtype map (protos/codec.py)
+
+
+def test_torch_dtype_maps_cover_every_wire_dtype_both_ways() -> None:
+    torch_of_wire, wire_of_torch = codec.torch_dtype_maps()
+    assert codec.torch_dtype_maps() == (torch_of_wire, wire_of_torch)  # built once
+    assert codec.torch_dtype_maps()[0] is torch_of_wire
+    assert set(torch_of_wire) == set(codec.DTYPE_NAMES.values())
+    assert {wire_of_torch[t] for t in TORCH_DTYPES} == set(codec.DTYPE_NAMES.values())
+    for wire, dtype in torch_of_wire.items():
+        assert wire_of_torch[dtype] == wire
+        assert codec.dtype_name(wire) == str(dtype).removeprefix("torch.")
+    # numpy carries every wire dtype but bfloat16, under the same names
+    assert {codec.DTYPE_NAMES[name] for name in codec.WIRE_OF_NP} == set(codec.DTYPE_NAMES.values()) - {pb.BFLOAT16}
+    assert all(codec.WIRE_OF_NP[name] == codec.DTYPE_NAMES[name] for name in codec.WIRE_OF_NP)
+
+
+def test_teacher_and_student_use_the_codecs_dtype_maps() -> None:
+    from student_client import wire
+    from teacher_server import signature
+
+    assert (signature.TORCH_OF_WIRE, signature.WIRE_OF_TORCH) == codec.torch_dtype_maps()
+    assert signature.WIRE_OF_TORCH is codec.torch_dtype_maps()[1]
+    assert wire._WIRE_OF_NP is codec.WIRE_OF_NP
+    assert wire.torch_wire_dtype(torch.zeros(1, dtype=torch.bfloat16)) == pb.BFLOAT16
+    assert wire._torch_wire() is codec.torch_dtype_maps()[1]
