@@ -178,8 +178,12 @@ def _define_dense() -> type:
     import torch
     from torch._C import DisableTorchFunctionSubclass
 
-    # Moves of the same values: the answer (and so its metadata) is unchanged.
-    keep = frozenset({torch.Tensor.to, torch.Tensor.pin_memory, torch.Tensor.cpu, torch.Tensor.cuda})
+    # Copies and moves of the same values: the answer (and so its metadata) is
+    # unchanged. Dtype casts are here too, so ``answer.float()`` is not silently
+    # taken for raw logits by a loss.
+    T = torch.Tensor
+    keep = frozenset({T.to, T.pin_memory, T.cpu, T.cuda, T.float, T.double, T.half, T.bfloat16,
+                      T.detach, T.clone, T.contiguous})
 
     class Dense(torch.Tensor):
         """A dense teacher answer: a ``torch.Tensor`` that knows its transform and temperature.
@@ -187,9 +191,11 @@ def _define_dense() -> type:
         Everything a tensor does works on it (``.shape``, ``.argmax()``,
         arithmetic, ``F.*``); ``isinstance(answer, torch.Tensor)`` is true. The
         metadata describes *this exact answer*: the result of any operation is
-        a plain ``torch.Tensor`` (``answer / 2`` is no longer log-probs at T),
-        except the moves ``.to()``, ``.cpu()``, ``.cuda()`` and
-        ``.pin_memory()``, which keep it. (In-place operations return the same
+        a plain ``torch.Tensor`` (``answer / 2`` or ``answer[0]`` is no longer
+        the answer), except copies and moves of the same values, which keep
+        it: ``.to()``, ``.cpu()``, ``.cuda()``, ``.pin_memory()``, ``.float()``,
+        ``.double()``, ``.half()``, ``.bfloat16()``, ``.detach()``,
+        ``.clone()``, ``.contiguous()``. (In-place operations return the same
         object with its metadata; answers are read-only views, don't.)
         Picklable and deep-copyable; build one with :func:`dense_answer`.
 

@@ -1,4 +1,5 @@
-"""Output transforms over a real gRPC server, checked against torch computed in-process."""
+"""Output transforms over a real gRPC server, checked against torch computed in-process,
+and against the student's in-process transform (the same code, so the same bits)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from protos import codec
 from protos.edistill.v1 import teacher_pb2 as pb
 from protos.edistill.v1 import teacher_pb2_grpc as pb_grpc
+from student_client.outputs import Dense, OutputSpec, TopK, apply_spec, decode_response
 from teacher_server import BackgroundTeacher, ConfigError, LoadedModel, TeacherConfig, zoo
 from teacher_server.transforms import OutputPlan, apply_plan
 
@@ -119,3 +121,27 @@ def test_config_validation_names_the_bad_value(field: str, value) -> None:
     with pytest.raises(ConfigError, match=field) as info:
         TeacherConfig(**{field: value})
     assert repr(value) in str(info.value) or str(value) in str(info.value)
+
+
+@pytest.mark.parametrize("spec", [
+    OutputSpec(),
+    OutputSpec(transform="probs", temperature=2.0),
+    OutputSpec(transform="log_probs", temperature=0.3),  # not a float32: rounded as on the wire
+    OutputSpec(transform="log_probs", temperature=4.0, dtype="float16"),
+    OutputSpec(transform="probs", temperature=3.0, top_k=3, dtype="bfloat16"),
+    OutputSpec(transform="raw", temperature=5.0, top_k=2),
+], ids=repr)
+def test_the_in_process_transform_is_the_served_one_bit_for_bit(served, spec: OutputSpec) -> None:
+    """apply_spec on the served raw logits == what the server answers for ``spec``, metadata included."""
+    _, stub = served
+    raw = decode_response(stub.Predict(_request(X), timeout=TIMEOUT_S), [OutputSpec()])["logits"]
+    resp = stub.Predict(_request(X, spec.to_proto()), timeout=TIMEOUT_S)
+    got = decode_response(resp, [spec], batch_size=X.shape[0])[spec.name]
+    local = apply_spec(raw, spec)
+    assert type(got) is type(local) and isinstance(got, TopK if spec.top_k else Dense)
+    assert (got.transform, got.temperature) == (local.transform, local.temperature)
+    if spec.top_k:
+        assert got.dense_shape == local.dense_shape
+        assert torch.equal(got.indices, local.indices)
+        got, local = got.values, local.values
+    assert got.dtype == local.dtype and torch.equal(got, local)

@@ -154,6 +154,13 @@ def _reduce(kd_rows: torch.Tensor | None, ce: tuple[torch.Tensor, torch.Tensor] 
     return total.reshape(lead) if reduction == "none" else total
 
 
+def _constant(x: torch.Tensor) -> torch.Tensor:
+    """The teacher side as a constant autograd may save: a tensor made under ``torch.inference_mode()``
+    (an in-process teacher's answer) cannot be saved for backward, so it is cloned (once, (N, C) or (N, k))."""
+    x = x.detach()
+    return x.clone() if x.is_inference() else x
+
+
 def _dense_rows(s: torch.Tensor, t: torch.Tensor, transform: str, temperature: float) -> torch.Tensor:
     """``T²·KL(q ‖ softmax(s/T))`` per row; s, t (N, C)."""
     log_p = F.log_softmax(s / temperature, dim=-1)  # (N, C)
@@ -173,8 +180,8 @@ def _dense_rows(s: torch.Tensor, t: torch.Tensor, transform: str, temperature: f
 def _topk_rows(s: torch.Tensor, teacher: TopK, temperature: float) -> torch.Tensor:
     """``T²·KL_k`` per row (see the module docstring); s (N, C)."""
     C, k = s.shape[-1], teacher.k
-    v = teacher.values.detach().reshape(-1, k).to(device=s.device, dtype=s.dtype)  # (N, k)
-    idx = teacher.indices.reshape(-1, k).to(device=s.device, dtype=torch.long)  # (N, k)
+    v = _constant(teacher.values).reshape(-1, k).to(device=s.device, dtype=s.dtype)  # (N, k)
+    idx = _constant(teacher.indices).reshape(-1, k).to(device=s.device, dtype=torch.long)  # (N, k)
     log_p = F.log_softmax(s / temperature, dim=-1)  # (N, C)
     log_p_k = log_p.gather(-1, idx)  # (N, k)
     if teacher.transform == "raw":
@@ -237,7 +244,7 @@ def kd_loss(student_logits: torch.Tensor, teacher: TeacherValue | torch.Tensor, 
     if isinstance(teacher, TopK):
         kd_rows = _topk_rows(s, teacher, T)
     else:
-        t = teacher.detach().reshape(-1, C).to(device=s.device, dtype=s.dtype)  # (N, C), a plain tensor
+        t = _constant(teacher).reshape(-1, C).to(device=s.device, dtype=s.dtype)  # (N, C), a plain tensor
         kd_rows = _dense_rows(s, t, transform, T)
     ce = _ce_rows(s, labels, ignore_index, lead) if labels is not None and ce_weight else None
     return _reduce(kd_rows, ce, ce_weight, lead, reduction)
