@@ -295,6 +295,9 @@ def normalize_outputs(outputs: Iterable[str | OutputSpec] | str | OutputSpec | A
             specs.append(OutputSpec(name=o))
         elif isinstance(o, OutputSpec):
             specs.append(o)
+        elif hasattr(o, "needs"):
+            raise ConfigError(f"outputs=[...] holds a loss ({type(o).__name__}); pass one loss, summing several "
+                              "(outputs=kd + ce), or OutputSpecs")
         else:
             raise ConfigError(f"outputs must be names or OutputSpec objects, got {type(o).__name__}: {o!r}")
     if not specs:

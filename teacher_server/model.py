@@ -15,7 +15,9 @@ input specs, or an ``edistill_inputs`` attribute of the factory's module.
 
 Output names come from a warm-up forward pass at load time (which also proves
 the model runs): one tensor is ``logits``, a tuple gives ``output0``,
-``output1``..., a dict keeps its keys (see docs/internals.md).
+``output1``..., a dict keeps its keys (see docs/internals.md;
+:func:`protos.outputs.name_outputs`, which the student's in-process teacher
+uses too).
 """
 
 from __future__ import annotations

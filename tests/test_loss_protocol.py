@@ -125,6 +125,8 @@ def test_normalize_outputs_takes_a_loss():
     assert normalize_outputs(crit) == (OutputSpec("logits", "log_probs", 4.0, 3),)
     with pytest.raises(ConfigError, match="needs no teacher output"):
         normalize_outputs(CELoss())
+    with pytest.raises(ConfigError, match=r"pass one loss, summing several"):
+        normalize_outputs([KDLoss(), CELoss()])
 
 
 def test_a_user_defined_loss_follows_the_protocol():
