@@ -21,7 +21,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from teacher_server._malloc import MALLOC_ENV  # noqa: E402
-from tests.helpers.teacher_proc import TeacherProcess  # noqa: E402
+from teacher_server.process import TeacherProcess, close_all  # noqa: E402
 
 
 def emit(obj: dict) -> None:
@@ -90,16 +90,15 @@ def machine() -> dict:
 @contextlib.contextmanager
 def teachers(n: int, model: str, *args: str, env: dict | None = None) -> Iterator[list[TeacherProcess]]:
     """Start ``n`` teacher server processes in parallel; always tear them all down."""
-    procs = [TeacherProcess(model, *args, env=env, ready_timeout_s=180.0) for _ in range(n)]
+    procs = [TeacherProcess(model, *args, env=env, ready_timeout_s=180.0, pythonpath=[REPO], cwd=REPO)
+             for _ in range(n)]
     try:
         # Starting is mostly importing torch: a few at a time keeps 2 cores from thrashing.
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda p: p.start(), procs))
         yield procs
     finally:
-        for p in procs:
-            with contextlib.suppress(Exception):
-                p.close()
+        close_all(procs)
 
 
 def latency_args(delay_ms: float, features: int, max_batch_size: int, per_sample_ms: float = 0.0) -> list[str]:

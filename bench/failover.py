@@ -56,13 +56,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -73,9 +70,9 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from registry import EmbeddedRedis, connect, fetch_service  # noqa: E402
 from student_client import DistillReader, PoolConfig  # noqa: E402
+from teacher_server.process import TeacherProcess  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-READY_PREFIX = "edistill teacher ready address="
 SERVICE = "failover-bench"
 
 
@@ -95,44 +92,10 @@ class _Ids(Dataset):
         return x
 
 
-class _Teacher:
-    """A ``python -m teacher_server serve`` process whose ready line is timestamped when printed."""
-
-    def __init__(self, args: list[str]) -> None:
-        self.stderr = tempfile.TemporaryFile()
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "teacher_server", "--log-level", "WARNING", "serve", "--model", "teacher_server.zoo:latency",
-             "--host", "127.0.0.1", "--port", "0", *args],
-            cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.stderr,
-            text=True, bufsize=1)
-        self.address: str | None = None
-        self.ready_at: float | None = None
-        self._ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:  # type: ignore[union-attr]
-            if line.startswith(READY_PREFIX) and not self._ready.is_set():
-                self.ready_at = time.monotonic()
-                self.address = line[len(READY_PREFIX):].strip()
-                self._ready.set()
-
-    def wait_ready(self, timeout_s: float = 60.0) -> "_Teacher":
-        if not self._ready.wait(timeout_s):
-            self.close()
-            self.stderr.seek(0)
-            raise RuntimeError(f"teacher not ready within {timeout_s}s:\n{self.stderr.read().decode()[-3000:]}")
-        return self
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+def _teacher(serve_args: list[str]) -> TeacherProcess:
+    """A latency teacher, launched (not waited for); its ``ready_at`` is when its ready line was read."""
+    return TeacherProcess("teacher_server.zoo:latency", *serve_args, log_level="WARNING",
+                          pythonpath=[REPO_ROOT], cwd=REPO_ROOT).launch()
 
 
 def _gaps(times: list[float], start: float, end: float) -> list[float]:
@@ -177,12 +140,12 @@ def main(argv: list[str] | None = None) -> int:
                   "--ttl-s", str(args.ttl_s), "--model-kwargs", json.dumps({"delay_ms": args.delay_ms}),
                   ]
 
-    teachers: list[_Teacher] = []
+    teachers: list[TeacherProcess] = []
     with EmbeddedRedis() as redis_server:
         serve_args[1] = redis_server.url
         client = connect(redis_server.url)
         try:
-            teachers = [_Teacher(serve_args) for _ in range(args.teachers)]
+            teachers = [_teacher(serve_args) for _ in range(args.teachers)]
             for t in teachers:
                 t.wait_ready()
             cfg = PoolConfig(timeout_s=10, wait_timeout_s=30, hedge_after_s=hedge)
@@ -207,13 +170,13 @@ def main(argv: list[str] | None = None) -> int:
                         t0 = time.monotonic()
                         time.sleep(args.steady_s)
                         st = pool.stats()
-                        live = [t for t in teachers if t.proc.poll() is None]
+                        live = [t for t in teachers if t.running]
                         victim = max(live, key=lambda t: st.teachers[t.address].outstanding)
                         held = st.teachers[victim.address].outstanding
-                        victim.proc.send_signal(getattr(signal, "SIG" + args.signal))
+                        victim.send_signal(getattr(signal, "SIG" + args.signal))
                         killed_at = time.monotonic()
                         if args.signal == "KILL":
-                            victim.proc.wait(10)
+                            victim.wait(10)
                         gone_redis = _poll(lambda: victim.address not in fetch_service(client, SERVICE).teachers,
                                            args.ttl_s + 5, 0.01)
                         gone_pool = _poll(lambda: victim.address not in pool.endpoints, 5.0)
@@ -226,10 +189,10 @@ def main(argv: list[str] | None = None) -> int:
                         if before_kill and first_after:
                             after.append(first_after[0] - before_kill[-1])
                         if args.signal == "STOP":
-                            victim.proc.kill()  # a frozen process still holds its port: end it now
-                            victim.proc.wait(10)
+                            victim.kill()  # a frozen process still holds its port: end it now
+                            victim.wait(10)
                         # replacement teacher
-                        new = _Teacher(serve_args)
+                        new = _teacher(serve_args)
                         teachers.append(new)
                         new.wait_ready()
                         first_sent = _poll(lambda: (s := pool.stats().teachers.get(new.address)) is not None

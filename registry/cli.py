@@ -3,13 +3,15 @@
 Thin: argument parsing and printing only; the reads are
 :func:`registry.discovery.fetch_service` and :func:`registry.discovery.list_services`.
 The registry URL comes from ``--registry`` or, so that a password need not
-appear on a command line (and in ``ps``), from ``$EDISTILL_REGISTRY``.
+appear on a command line (and in ``ps``), from ``$EDISTILL_REGISTRY``: the
+umbrella CLI sets that default, like every flag default from the environment,
+in one place (``teacher_server.envflags``, rule ``REGISTRY_ENV``; this
+package does not import it).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -41,7 +43,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--registry",
-            default=os.environ.get(REGISTRY_URL_ENV),
+            default=None,  # $EDISTILL_REGISTRY through the umbrella CLI (see the module docstring)
             metavar="URL",
             help=f"Redis URL, e.g. redis://HOST:6379/0 or rediss://user:pass@HOST:6380/0 "
             f"(default: ${REGISTRY_URL_ENV}; prefer it for URLs with a password)",

@@ -2,8 +2,10 @@
 
 Thin by design: each package contributes its own sub-commands through an
 ``add_commands(subparsers)`` function, and each command function returns an
-exit code. Errors from the library are printed as one line (no traceback)
-and exit non-zero.
+exit code. Flag defaults from ``EDISTILL_*`` variables are applied once, to
+the whole tree, by :func:`teacher_server.envflags.apply_env_tree` (the one
+place where CLIs read the environment). Errors from the library are printed
+as one line (no traceback) and exit non-zero.
 """
 
 from __future__ import annotations
@@ -20,17 +22,18 @@ def build_parser() -> argparse.ArgumentParser:
     from registry import cli as registry_cli
     from student_client import demo as demo_cli
     from teacher_server import cli as teacher_cli
+    from teacher_server.envflags import apply_env_tree
 
     parser = argparse.ArgumentParser(
         prog="edistill",
         description="Teacher-as-a-service knowledge distillation for PyTorch.",
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO; env EDISTILL_LOG_LEVEL)")
-    teacher_cli.apply_env_defaults(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     teacher_cli.add_commands(sub)
     registry_cli.add_commands(sub)
     demo_cli.add_commands(sub)
+    apply_env_tree(parser)
     return parser
 
 

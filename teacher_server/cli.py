@@ -4,9 +4,13 @@ Thin: parse arguments, build the config and model with the library's own
 functions, run. Errors from the library propagate as :class:`TeacherError`
 and are printed as one line by the caller (``student_client.cli.main`` or
 :func:`main` here). The ready line printed by ``serve`` is a contract
-(docs/internals.md)::
+(docs/internals.md; written from :data:`teacher_server.process.READY_PREFIX`,
+which :class:`teacher_server.process.TeacherProcess` reads)::
 
     edistill teacher ready address=HOST:PORT
+
+Flag defaults from ``EDISTILL_*`` variables are applied to the whole command
+tree by :mod:`teacher_server.envflags` (re-exported here for older importers).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import logging
 import os
 import re
 import sys
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import grpc
 from google.protobuf import json_format
@@ -25,13 +29,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos.edistill.v1 import teacher_pb2 as pb
 from protos.edistill.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.config import DEFAULT_MAX_MESSAGE_BYTES, PRECISIONS, TeacherConfig
+from teacher_server.envflags import ENV_LIST_SEP, SERVE_ENV_NAMES, apply_env_defaults, apply_env_tree, env_var_name
 from teacher_server.errors import ConfigError, TeacherError, TeacherUnreachable
+from teacher_server.process import READY_PREFIX
 
 __all__ = ["ENV_LIST_SEP", "READY_PREFIX", "SERVE_ENV_NAMES", "add_commands", "add_teacher_commands",
-           "apply_env_defaults", "default_service", "env_var_name", "main"]
-
-#: Start of the line ``serve`` prints once it serves (see docs/internals.md).
-READY_PREFIX = "edistill teacher ready address="
+           "apply_env_defaults", "build_parser", "default_service", "env_var_name", "main"]
 
 _defaults = TeacherConfig()
 
@@ -96,8 +99,7 @@ def add_teacher_commands(sub: argparse._SubParsersAction) -> None:
                         "$XDG_RUNTIME_DIR/edistill, else <tmp>/edistill-<uid> (a 0700 directory), skipped "
                         "with a warning when unusable; a PATH: exactly there; 'off': gRPC only")
     _add_security_flags(p)
-    p.set_defaults(func=cmd_serve)
-    apply_env_defaults(p, names=SERVE_ENV_NAMES)
+    p.set_defaults(func=cmd_serve)  # flag defaults from EDISTILL_*: teacher_server.envflags.ENV_COMMANDS
 
     p = sub.add_parser("describe", help="print a teacher's Describe answer as JSON")
     p.add_argument("address", help="HOST:PORT")
@@ -281,152 +283,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(config, model, on_ready=[_ready], configure=configure)
 
 
-#: ``teacher serve`` flags whose variable is NOT ``EDISTILL_<FLAG>``. ``None``:
-#: never read from the environment. The rule: a flag that relaxes a safety
-#: check is opt-in on the command line only, and the teacher's own
-#: credentials (server certificate, client CA, accepted-token file) have
-#: ``EDISTILL_TEACHER_*`` names, because ``EDISTILL_TLS_*`` and
-#: ``EDISTILL_AUTH_TOKEN_FILE`` are the *student's* client credentials
-#: (student_client/credentials.py): a student's CA exported in a shell must
-#: not make a teacher started from that shell demand client certificates.
-SERVE_ENV_NAMES: dict[str, str | None] = {
-    "--trust-model-file": None,
-    "--tls-cert": "EDISTILL_TEACHER_TLS_CERT",
-    "--tls-key": "EDISTILL_TEACHER_TLS_KEY",
-    "--tls-ca": "EDISTILL_TEACHER_TLS_CA",
-    "--auth-token-file": "EDISTILL_TEACHER_AUTH_TOKEN_FILE",
-}
-
-#: Separator of the items of a repeatable flag given through the environment
-#: (``EDISTILL_INPUT_SPEC="x:float32:3,32,32;mask:bool:32"``).
-ENV_LIST_SEP = ";"
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
-
-
-def env_var_name(option: str, names: Mapping[str, str | None] | None = None,
-                 prefix: str = "EDISTILL_") -> str | None:
-    """The variable that sets ``option``'s default (``--max-batch-size`` -> ``EDISTILL_MAX_BATCH_SIZE``).
-
-    ``names`` overrides the rule per flag; ``None`` there means the flag is
-    never read from the environment.
-    """
-    if names is not None and option in names:
-        return names[option]
-    return prefix + option.lstrip("-").replace("-", "_").upper()
-
-
-def apply_env_defaults(parser: argparse.ArgumentParser, prefix: str = "EDISTILL_",
-                       names: Mapping[str, str | None] | None = None) -> None:
-    """Let ``EDISTILL_<FLAG>`` (dashes as underscores) set each flag's default.
-
-    Containers are configured through the environment (deploy/.env.example);
-    a flag on the command line still wins, and an empty value counts as
-    unset. ``names`` maps a flag to another variable, or to ``None`` (never
-    from the environment; see :data:`SERVE_ENV_NAMES`). Values are converted
-    when the command is parsed, and a bad one is an argparse error naming the
-    variable:
-
-    - value flags: the flag's ``type`` and ``choices`` apply
-      (``EDISTILL_PORT=50051`` arrives as an int);
-    - on/off flags: ``1/true/yes/on`` (as if the flag were given) or
-      ``0/false/no/off`` (as if not), any case, nothing else (``=false``
-      must not turn a flag on);
-    - repeatable flags: items separated by ``;`` (:data:`ENV_LIST_SEP`); using
-      the flag on the command line replaces the whole list (items of a typed
-      repeatable flag are converted when the parser is built).
-
-    A required flag whose variable is set is no longer required. Other kinds
-    of flags (counters, constants) are not read from the environment.
-    """
-    for action in parser._actions:  # argparse has no public accessor
-        if not action.option_strings or action.dest == "help":
-            continue
-        long = next((o for o in action.option_strings if o.startswith("--")), None)
-        if long is None:
-            continue
-        var = env_var_name(long, names, prefix)
-        if var is None:
-            continue
-        value = os.environ.get(var, "")
-        if value == "":
-            continue
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
-                               argparse.BooleanOptionalAction)):
-            # argparse converts a string default with ``type`` when it parses
-            # (and only then), so a bad value fails that command, not others.
-            if isinstance(action, argparse.BooleanOptionalAction):
-                action.type = _env_bool(var, True, False)
-            else:  # the variable says whether the flag is given: --no-x for store_false
-                action.type = _env_bool(var, action.const, action.default)
-        elif isinstance(action, argparse._AppendAction):
-            items = [item.strip() for item in value.split(ENV_LIST_SEP) if item.strip()]
-            if not items:
-                continue
-            if action.type is not None or action.choices is not None:
-                # argparse never converts a list default: convert now (a bad
-                # item stops this parser's construction, naming the variable).
-                convert = _env_typed(action.type, action.choices, var, items)
-                try:
-                    items = [convert(item) for item in items]
-                except argparse.ArgumentTypeError as exc:
-                    parser.error(f"argument {long}: {exc}")
-            action.__class__ = _EnvAppendAction
-            value = _EnvList(items)
-        elif type(action) is argparse._StoreAction:
-            action.type = _env_typed(action.type, action.choices, var, [value])
-        else:
-            continue
-        action.default = value
-        action.required = False
-
-
-def _env_bool(var: str, on: object, off: object):
-    def convert(text: str) -> object:
-        low = text.strip().lower()
-        if low in _TRUE:
-            return on
-        if low in _FALSE:
-            return off
-        raise argparse.ArgumentTypeError(
-            f"{var}={text!r} is not a boolean: use one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}")
-    convert.__name__ = "boolean"
-    return convert
-
-
-def _env_typed(type_func, choices, var: str, env_values: list[str]):
-    """``type_func`` that names ``var`` when a value from the environment is bad."""
-    def convert(text: str):
-        try:
-            result = type_func(text) if type_func is not None else text
-        except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
-            if text not in env_values:
-                raise
-            detail = str(exc) if isinstance(exc, argparse.ArgumentTypeError) else \
-                f"invalid {getattr(type_func, '__name__', repr(type_func))} value"
-            raise argparse.ArgumentTypeError(f"{var}={text!r}: {detail}") from None
-        if choices is not None and text in env_values and result not in choices:
-            raise argparse.ArgumentTypeError(
-                f"{var}={text!r}: invalid choice (choose from {', '.join(map(repr, choices))})")
-        return result
-    convert.__name__ = getattr(type_func, "__name__", "str")
-    return convert
-
-
-class _EnvList(list):
-    """A repeatable flag's items from the environment (marks the default so the command line replaces it)."""
-
-
-class _EnvAppendAction(argparse._AppendAction):
-    """``append`` whose environment default is replaced, not extended, by the command line."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        if isinstance(getattr(namespace, self.dest, None), _EnvList):
-            setattr(namespace, self.dest, None)
-        super().__call__(parser, namespace, values, option_string)
-
-
 def _env_tokens() -> tuple[str, ...]:
     """Accepted tokens from $EDISTILL_AUTH_TOKEN (comma-separated), never from argv."""
     from teacher_server.auth import AUTH_TOKEN_ENV, parse_tokens
@@ -495,13 +351,18 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m teacher_server``: the teacher commands without the umbrella CLI."""
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m teacher_server`` (the environment is read now)."""
     parser = argparse.ArgumentParser(prog="python -m teacher_server", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
-    apply_env_defaults(parser)
     add_teacher_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
+    apply_env_tree(parser, path=("teacher",))  # this parser stands where `edistill teacher` does
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m teacher_server``: the teacher commands without the umbrella CLI."""
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

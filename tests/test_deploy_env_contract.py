@@ -239,7 +239,7 @@ def _is_bool(action) -> bool:
 def test_every_serve_flag_reads_its_variable(flag: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
-    from teacher_server.cli import SERVE_ENV_NAMES, env_var_name
+    from teacher_server.envflags import SERVE_ENV_NAMES, env_var_name
 
     _clear_edistill_env(monkeypatch)
     action = _serve_actions()[flag]
@@ -315,7 +315,7 @@ def test_boolean_flags_parse_strictly(kind: str, monkeypatch: pytest.MonkeyPatch
     # rule is checked on a parser of its own so the next one is covered.
     import argparse
 
-    from teacher_server.cli import apply_env_defaults
+    from teacher_server.envflags import apply_env_defaults
 
     def parse(raw: str | None, argv: list[str] = ()):
         if raw is None:
@@ -337,3 +337,44 @@ def test_boolean_flags_parse_strictly(kind: str, monkeypatch: pytest.MonkeyPatch
     with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
         parse("enabled")
     assert "EDISTILL_FLAG='enabled'" in err.getvalue()
+
+
+# --- one mechanism for the whole command tree (teacher_server/envflags.py) -----
+
+
+def test_registry_commands_read_the_registry_url_and_nothing_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    _clear_edistill_env(monkeypatch)
+    monkeypatch.setenv("EDISTILL_REGISTRY", "redis://r.example:6380/2")
+    monkeypatch.setenv("EDISTILL_SERVICE", "teacher")  # the teacher's own service in deploy/.env.example
+    monkeypatch.setenv("EDISTILL_INTERVAL_S", "9")
+    for command in ("ls", "watch"):
+        args = _parse(["registry", command])
+        assert (args.registry, args.service) == ("redis://r.example:6380/2", None)
+    assert _parse(["registry", "watch"]).interval_s == 1.0
+    assert _parse(["registry", "ls", "--registry", "redis://cli:6379/0"]).registry == "redis://cli:6379/0"
+
+
+def test_client_commands_and_the_demo_read_no_flag_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `teacher health` is the containers' health check: EDISTILL_SERVICE (a
+    # registry service name) must not become the gRPC health service it asks about.
+    _clear_edistill_env(monkeypatch)
+    for var, raw in (("EDISTILL_SERVICE", "teacher"), ("EDISTILL_TIMEOUT_S", "1"), ("EDISTILL_TLS_CA", "/x.pem"),
+                     ("EDISTILL_REGISTRY", "redis://r.example:6380/2"), ("EDISTILL_TEACHERS", "5")):
+        monkeypatch.setenv(var, raw)
+    health = _parse(["teacher", "health", "127.0.0.1:50051"])
+    assert (health.service, health.timeout_s, health.tls_ca) == ("", 5.0, None)
+    assert _parse(["teacher", "describe", "127.0.0.1:50051"]).timeout_s == 5.0
+    demo = _parse(["demo"])
+    assert (demo.registry, demo.teachers) == (None, 2)
+
+
+def test_python_m_teacher_server_reads_the_same_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    from teacher_server import cli
+
+    _clear_edistill_env(monkeypatch)
+    monkeypatch.setenv("EDISTILL_MODEL", "/models/base.pt")
+    monkeypatch.setenv("EDISTILL_LOG_LEVEL", "DEBUG")
+    monkeypatch.setenv("EDISTILL_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("EDISTILL_TLS_CA", "/student/ca.pem")
+    args = cli.build_parser().parse_args(["serve"])
+    assert (args.log_level, args.model, args.max_batch_size, args.tls_ca) == ("DEBUG", "/models/base.pt", 7, None)

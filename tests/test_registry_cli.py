@@ -8,14 +8,15 @@ import io
 import pytest
 
 from registry import RegistryConfigError, RegistryUnavailableError, TeacherRecord, TeacherRegistration
-from registry import cli, connect, keys
+from registry import connect, keys
 from tests.helpers.redis_proc import redis_server, redis_with_password, wait_until  # noqa: F401
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="edistill")
-    cli.add_commands(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(["registry", *argv])
+    # The umbrella parser, built now: it reads $EDISTILL_REGISTRY (teacher_server.envflags).
+    from student_client.cli import build_parser
+
+    return build_parser().parse_args(["registry", *argv])
 
 
 def run(*argv: str) -> tuple[int, str]:
@@ -63,6 +64,20 @@ def test_ls_filters_by_service_and_reads_the_url_from_the_environment(fleet, mon
     # which reaches Redis with its next heartbeat.
     regs[1].set_load(in_flight=4, queued=3)
     wait_until(lambda: "7 (4+3)" in run("ls", "--service", "imagenet-r101")[1], what="the load in the table")
+
+
+def test_ls_and_watch_take_only_the_url_from_the_environment(fleet, monkeypatch):
+    # In a teacher's container EDISTILL_SERVICE names that teacher's service;
+    # `registry ls` run there still lists every service.
+    url, _ = fleet
+    monkeypatch.setenv("EDISTILL_REGISTRY", url)
+    monkeypatch.setenv("EDISTILL_SERVICE", "imagenet-r101")
+    monkeypatch.setenv("EDISTILL_INTERVAL_S", "9")
+    monkeypatch.setenv("EDISTILL_COUNT", "5")
+    rc, out = run("ls")
+    assert rc == 0 and "bert-base" in out and "imagenet-r101" in out
+    args = parse("watch")
+    assert (args.registry, args.service, args.interval_s, args.count) == (url, None, 1.0, 0)
 
 
 def test_ls_says_when_there_are_no_teachers(redis_server):

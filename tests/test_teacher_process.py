@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -17,7 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos import codec
 from protos.edistill.v1 import teacher_pb2 as pb
 from protos.edistill.v1 import teacher_pb2_grpc as pb_grpc
-from tests.helpers.teacher_proc import REPO_ROOT, TeacherProcess
+from teacher_server.errors import TeacherError
+from teacher_server.process import close_all
+from tests.helpers.teacher_proc import REPO_ROOT, TeacherProcess, TeacherStartError
 
 TIMEOUT_S = 30.0
 
@@ -118,3 +121,48 @@ def _as_cf(call: grpc.Future) -> concurrent.futures.Future:
     cf: concurrent.futures.Future = concurrent.futures.Future()
     call.add_done_callback(lambda c: cf.set_result(c))
     return cf
+
+
+# ---- the launcher (teacher_server/process.py)
+
+
+def test_launcher_reads_the_ready_line(teacher) -> None:
+    host, port = teacher.address.rsplit(":", 1)
+    assert host == "127.0.0.1" and int(port) > 0
+    assert teacher.pid > 0 and teacher.returncode is None and teacher.running
+    assert teacher.ready_at is not None and teacher.ready_at <= time.monotonic()
+
+
+def test_launcher_reports_an_early_exit_in_one_line_with_the_log_tail(tmp_path) -> None:
+    log = tmp_path / "teacher.log"
+    proc = TeacherProcess("/nonexistent/model.pt", log_path=log)
+    with pytest.raises(TeacherStartError) as info:
+        with proc:
+            pass
+    err = info.value
+    assert isinstance(err, TeacherError) and isinstance(err, RuntimeError)
+    assert err.returncode == 2 == proc.returncode and err.log_path == str(log)
+    assert "\n" not in err.summary and "exited with code 2 before it was ready" in err.summary
+    assert "does not exist" in err.summary and f"full log: {log}" in err.summary
+    assert "edistill teacher serve: error:" in err.log_tail and err.log_tail in str(err)
+    assert "does not exist" in log.read_text() and "does not exist" in proc.stderr_text()  # kept after close
+
+
+def test_launcher_kills_a_teacher_that_misses_its_deadline() -> None:
+    proc = TeacherProcess("teacher_server.zoo:latency", ready_timeout_s=0.01)
+    try:
+        with pytest.raises(TeacherStartError, match="did not print its ready line within 0.01 s") as info:
+            proc.start()
+        assert info.value.returncode is None and proc.returncode is not None  # killed
+    finally:
+        proc.close()
+
+
+def test_close_all_stops_teachers_in_parallel_with_a_clean_drain() -> None:
+    procs = [TeacherProcess("teacher_server.zoo:latency").launch() for _ in range(2)]
+    try:
+        for p in procs:
+            p.wait_ready()
+    finally:
+        close_all(procs)
+    assert [p.returncode for p in procs] == [0, 0]  # SIGTERM once each: drained and exited 0
