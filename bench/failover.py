@@ -69,7 +69,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from registry import EmbeddedRedis, connect, fetch_service  # noqa: E402
-from student_client import DistillReader, PoolConfig  # noqa: E402
+from student_client import DistillReader, PoolConfig, TeacherPool  # noqa: E402
 from teacher_server.process import TeacherProcess  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -150,9 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                 t.wait_ready()
             cfg = PoolConfig(timeout_s=10, wait_timeout_s=30, hedge_after_s=hedge)
             loader = DataLoader(_Ids(), batch_size=args.batch_size)
-            reader = DistillReader(loader, registry=redis_server.url, service=SERVICE, window=args.window,
-                                   pool_config=cfg, teacher_input=lambda b: b)
-            pool = reader.source
+            pool = TeacherPool.from_registry(redis_server.url, SERVICE, config=cfg)
+            reader = DistillReader(loader, pool, window=args.window, teacher_input=lambda b: b)
             if _poll(lambda: len(pool.endpoints) == args.teachers, 10.0) is None:
                 raise RuntimeError(f"the reader found {pool.endpoints} teachers, wanted {args.teachers}")
 
@@ -236,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 stats = reader.stats()
                 reader.close()
+                pool.close()
             ctl.join(30)
             if control_error:
                 raise control_error[0]

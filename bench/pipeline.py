@@ -69,7 +69,7 @@ from _common import emit, median
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from student_client import DistillReader, InProcessTeacher  # noqa: E402
+from student_client import DistillReader, InProcessTeacher, SourceRequest, TeacherPool  # noqa: E402
 from student_client.config import PoolConfig  # noqa: E402
 from student_client.losses import kd_loss  # noqa: E402
 from teacher_server import zoo  # noqa: E402
@@ -194,9 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     rates = {(c, m): [] for c in settings for m in ("plain", "regular", "service")}
     cpu_ms = {k: [] for k in rates}  # this process's CPU (all its threads) per step
     with _common.teachers(opts.teachers, spec, *serve_args) as started, \
-            DistillReader(data, teachers=[t.address for t in started], window=window, teacher_input=send,
-                          timeout_s=60.0, pool_config=PoolConfig(local_transport="off" if opts.transport == "grpc"
-                                                                 else "auto")) as reader:
+            TeacherPool([t.address for t in started], config=PoolConfig(
+                timeout_s=60.0, local_transport="off" if opts.transport == "grpc" else "auto")) as pool, \
+            DistillReader(data, pool, window=window, teacher_input=send) as reader:
         procs.extend(started)
         service_it = iter(reader)
 
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                     step(images, labels, None)
                 elif mode == "regular":
                     images, labels = next(data)
-                    step(images, labels, regular.submit({"input": images}, batch_id=None).result()["logits"])
+                    step(images, labels, regular.submit(SourceRequest({"input": images}, None)).result()["logits"])
                 else:
                     (images, labels), teacher = next(service_it)
                     step(images, labels, teacher["logits"])

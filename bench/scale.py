@@ -81,7 +81,7 @@ from _common import CpuTimer, emit, median
 
 import torch  # noqa: E402
 
-from student_client import DistillReader  # noqa: E402
+from student_client import DistillReader, TeacherPool  # noqa: E402
 from student_client.config import PoolConfig  # noqa: E402
 from student_client.wire import serialize_request  # noqa: E402
 
@@ -104,8 +104,8 @@ def _reader_run(endpoints: list[str], batches, in_flight: int, batches_per_teach
                 config: PoolConfig | None = None) -> tuple[float, float, float, dict]:
     """(batches/s, client CPU us per request, wall s, transports used) of one DistillReader run."""
     n = len(endpoints)
-    with DistillReader(batches, teachers=endpoints, window=in_flight * n, timeout_s=60.0,
-                       pool_config=config) as reader:
+    config = (config or PoolConfig.from_env()).replace(timeout_s=60.0)
+    with TeacherPool(endpoints, config=config) as pool, DistillReader(batches, pool, window=in_flight * n) as reader:
         it = iter(reader)
         for _ in range(2 * in_flight * n):  # connect every channel, fill the pipeline
             next(it)

@@ -63,7 +63,7 @@ from protos import codec  # noqa: E402
 from protos.edistill.v1 import teacher_pb2 as pb  # noqa: E402
 from protos.edistill.v1 import teacher_pb2_grpc as pb_grpc  # noqa: E402
 from teacher_server import DEFAULT_MAX_MESSAGE_BYTES, zoo  # noqa: E402
-from student_client import TeacherPool  # noqa: E402
+from student_client import SourceRequest, TeacherPool  # noqa: E402
 from tests.helpers.teacher_proc import TeacherProcess  # noqa: E402
 
 # glibc returns large freed blocks to the OS with munmap and gets fresh zeroed
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             return codec.to_torch(resp.outputs[0].values)
 
         def pool_batch() -> torch.Tensor:
-            return pool.submit({"image": x}, batch_id=None).result(timeout=120)["logits"]
+            return pool.submit(SourceRequest({"image": x}, None)).result(timeout=120)["logits"]
 
         def local_batch() -> torch.Tensor:
             with torch.inference_mode():

@@ -64,9 +64,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
-from registry import RegistryError, connect, fetch_service, redact_url
-from registry.connection import map_redis_error
-from student_client import DistillReader, NoTeacherAvailableError, StudentError, kd_loss
+from registry import RegistryError, redact_url
+from student_client import DistillReader, PoolConfig, StudentError, TeacherPool, kd_loss
 
 logger = logging.getLogger("train_student")
 
@@ -297,46 +296,6 @@ def accuracy(model: nn.Module, data: IndexedDataset, device: torch.device) -> fl
 # ----------------------------------------------------------------- teachers
 
 
-def wait_for_registry_teachers(url: str, service: str, wait_s: float) -> int:
-    """Fail fast and clearly when the registry is unreachable or lists no teacher.
-
-    The reader would also give up after ``wait_s``, but only with "no teacher
-    answered"; this says whether Redis or the teachers are missing.
-    Retries until ``wait_s`` (Redis or the teachers may still be starting).
-
-    Raises:
-        RegistryError: Redis unreachable (or refused the credentials).
-        NoTeacherAvailableError: Redis answers but lists no live teacher of ``service``.
-    """
-    from registry import RegistryAuthError
-
-    client = connect(url)
-    deadline = time.monotonic() + wait_s
-    try:
-        while True:
-            try:
-                count = len(fetch_service(client, service).teachers)
-                error = None
-            except Exception as exc:  # redis-py and socket errors, mapped below
-                error = map_redis_error(exc, url, f"looking up service {service!r}")
-                if isinstance(error, RegistryAuthError):
-                    raise error from exc
-                count = 0
-            if count:
-                return count
-            if time.monotonic() >= deadline:
-                if error is not None:
-                    raise RegistryError(f"{error}; no answer for {wait_s:g} s: check the --registry URL and "
-                                        "that Redis is running") from error
-                raise NoTeacherAvailableError(
-                    f"the registry at {redact_url(url)} lists no live teacher for service {service!r} after "
-                    f"{wait_s:g} s; start one with `edistill teacher serve --model ... --registry URL "
-                    f"--service {service}` or check --service", wait_timeout_s=wait_s)
-            time.sleep(0.2)
-    finally:
-        client.close()
-
-
 # ----------------------------------------------------------------- training
 
 
@@ -368,19 +327,20 @@ def train(cfg: TrainConfig, dd: Dist) -> dict:
         if dd.enabled else model
     opt = torch.optim.SGD(ddp.parameters(), lr=cfg.lr, momentum=0.9)
 
+    # The pool says at once (and at the deadline, clearly) when Redis or the teachers are missing.
+    config = PoolConfig(timeout_s=cfg.timeout_s, wait_timeout_s=cfg.wait_teachers_s)
     if cfg.registry is not None:
-        n = wait_for_registry_teachers(cfg.registry, cfg.service, cfg.wait_teachers_s)
-        logger.info("registry %s: %d live teacher(s) for service %r", redact_url(cfg.registry), n, cfg.service)
-        where = {"registry": cfg.registry, "service": cfg.service}
+        pool = TeacherPool.from_registry(cfg.registry, cfg.service, ["logits"], config=config)
     else:
-        where = {"teachers": list(cfg.teachers)}
+        pool = TeacherPool(cfg.teachers, ["logits"], config=config)
     record = {"rank": dd.rank, "world_size": dd.world_size, "initial_weights": initial, "epochs": []}
     trace: list[list[float]] = []  # [sample id, input[0], teacher logits[0]] per sample, in training order
 
     # Raw teacher logits: kd_loss softens both sides with T itself.
-    with DistillReader(loader, **where, outputs=["logits"], window=cfg.window, timeout_s=cfg.timeout_s,
-                       wait_timeout_s=cfg.wait_teachers_s,
-                       device=dd.device if dd.device.type == "cuda" else None) as reader:
+    with pool, DistillReader(loader, pool, window=cfg.window,
+                             device=dd.device if dd.device.type == "cuda" else None) as reader:
+        ready = pool.wait_for_teachers(1, timeout_s=cfg.wait_teachers_s)
+        logger.info("%d teacher(s) ready: %s", len(ready), ", ".join(ready))
         for epoch in range(cfg.epochs):
             if dd.enabled:
                 sampler.set_epoch(epoch)  # a new shuffle per epoch, the same on every rank

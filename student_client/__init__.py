@@ -4,12 +4,16 @@ Public names (imported lazily, so ``import student_client`` stays cheap and
 torch/grpc are loaded only when used):
 
 * :class:`DistillReader` — the data loader with teacher outputs attached.
-* :class:`KnowledgeSource`, :class:`TeacherPool`, :class:`InProcessTeacher` —
-  where the outputs come from.
+* :class:`KnowledgeSource`, :class:`SourceRequest` — the source contract;
+  :class:`TeacherPool`, :class:`InProcessTeacher`, :class:`FallbackSource`,
+  :class:`EnsembleSource` — where the outputs come from.
 * :class:`OutputSpec`, :class:`TopK` — what is requested and returned.
 * :class:`PoolConfig`, :class:`ExponentialBackoff` — pool configuration.
-* :func:`kd_loss`, :func:`kd_loss_dense`, :func:`kd_loss_topk`, :class:`KDLoss`,
-  :class:`TopKKDLoss` — Hinton knowledge distillation.
+* :func:`kd_loss` and :class:`KDLoss` (Hinton knowledge distillation),
+  :class:`CELoss`, :class:`WeightedLoss` and the :class:`Loss` protocol —
+  losses that say which teacher outputs they need (:mod:`student_client.losses`).
+* :class:`Dense`, :class:`TopK` — dense and sparse teacher answers, carrying
+  their transform and temperature.
 * the error tree rooted at :class:`StudentError` (see :mod:`student_client.errors`).
 """
 
@@ -19,6 +23,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
+    AnswerMissingError,
     ConfigError,
     NoTeacherAvailableError,
     SourceClosedError,
@@ -28,18 +33,26 @@ from .errors import (
 )
 
 __all__ = [
+    "AnswerMissingError",
+    "CELoss",
     "ConfigError",
+    "Dense",
     "DistillReader",
+    "EnsembleSource",
     "ExponentialBackoff",
+    "FallbackSource",
     "InProcessTeacher",
     "KDLoss",
     "KnowledgeSource",
+    "Loss",
     "NoTeacherAvailableError",
     "OutputSpec",
     "PoolConfig",
     "PoolStats",
     "ReaderStats",
     "SourceClosedError",
+    "SourceRequest",
+    "SourceStats",
     "StudentError",
     "TeacherCredentials",
     "TeacherPool",
@@ -47,42 +60,46 @@ __all__ = [
     "TeacherResponseError",
     "TeacherStats",
     "TopK",
-    "TopKKDLoss",
+    "WeightedLoss",
     "kd_loss",
-    "kd_loss_dense",
-    "kd_loss_topk",
 ]
 
 _LAZY = {
+    "CELoss": "losses",
+    "Dense": "outputs",
     "DistillReader": "reader",
+    "EnsembleSource": "compose",
     "ExponentialBackoff": "backoff",
+    "FallbackSource": "compose",
     "InProcessTeacher": "sources",
     "KDLoss": "losses",
     "KnowledgeSource": "sources",
+    "Loss": "losses",
     "OutputSpec": "outputs",
     "PoolConfig": "config",
     "PoolStats": "stats",
     "ReaderStats": "stats",
+    "SourceRequest": "sources",
+    "SourceStats": "stats",
     "TeacherCredentials": "credentials",
     "TeacherPool": "pool",
     "TeacherStats": "stats",
     "TopK": "outputs",
-    "TopKKDLoss": "losses",
+    "WeightedLoss": "losses",
     "kd_loss": "losses",
-    "kd_loss_dense": "losses",
-    "kd_loss_topk": "losses",
 }
 
 if TYPE_CHECKING:
     from .backoff import ExponentialBackoff
+    from .compose import EnsembleSource, FallbackSource
     from .config import PoolConfig
     from .credentials import TeacherCredentials
-    from .losses import KDLoss, TopKKDLoss, kd_loss, kd_loss_dense, kd_loss_topk
-    from .outputs import OutputSpec, TopK
+    from .losses import CELoss, KDLoss, Loss, WeightedLoss, kd_loss
+    from .outputs import Dense, OutputSpec, TopK
     from .pool import TeacherPool
     from .reader import DistillReader
-    from .sources import InProcessTeacher, KnowledgeSource
-    from .stats import PoolStats, ReaderStats, TeacherStats
+    from .sources import InProcessTeacher, KnowledgeSource, SourceRequest
+    from .stats import PoolStats, ReaderStats, SourceStats, TeacherStats
 
 
 def __getattr__(name: str) -> Any:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
 
 from .backoff import ExponentialBackoff
 from .errors import ConfigError
@@ -81,11 +81,14 @@ class PoolConfig:
             offers a local socket (and runs as the same user) is sent batches
             over it, as shared memory, once it has passed its health check
             over gRPC (:mod:`.local`); it costs the student far less CPU per
-            batch than gRPC. ``"off"``: gRPC only. The default comes from
-            ``EDISTILL_LOCAL_TRANSPORT`` when set. Local answers are read by
-            the thread that waits in a batch future's ``result()`` (what
-            DistillReader does); code that only polls ``done()`` or relies on
-            done-callbacks gets them within the pool's 0.1 s dispatcher tick.
+            batch than gRPC. ``"off"``: gRPC only. :meth:`from_env` (what a
+            pool uses when it is given no config) reads it from
+            ``EDISTILL_LOCAL_TRANSPORT``. Local answers are read by the thread
+            that waits in a batch future's ``result()`` (what DistillReader
+            does), or, for a future with a done-callback (a composite
+            source), by the pool's dispatcher as soon as they arrive; code
+            that only polls ``done()`` gets them within the dispatcher's
+            0.1 s tick.
     """
 
     timeout_s: float = 30.0
@@ -101,7 +104,7 @@ class PoolConfig:
     probe_timeout_s: float | None = 2.0
     hedge_after_s: float | str | None = "auto"
     hedge_min_s: float = 0.5
-    local_transport: str = field(default_factory=lambda: os.environ.get("EDISTILL_LOCAL_TRANSPORT", "auto"))
+    local_transport: str = "auto"
 
     def __post_init__(self) -> None:
         _positive("timeout_s", self.timeout_s)
@@ -126,6 +129,17 @@ class PoolConfig:
                               f"got {self.local_transport!r}")
         if not isinstance(self.backoff, ExponentialBackoff):
             raise ConfigError(f"backoff must be an ExponentialBackoff, got {type(self.backoff).__name__}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **fields: Any) -> "PoolConfig":
+        """The defaults, with what the environment sets (:mod:`student_client.env`), then ``fields``."""
+        from .env import pool_config_fields
+
+        return cls(**{**pool_config_fields(environ), **fields})
+
+    def replace(self, **fields: Any) -> "PoolConfig":
+        """A copy with ``fields`` changed (validated again)."""
+        return replace(self, **fields)
 
     def channel_options(self) -> list[tuple[str, int]]:
         """gRPC channel options for one teacher channel (documented inline)."""

@@ -34,14 +34,6 @@ from .errors import ConfigError
 
 __all__ = ["TeacherCredentials"]
 
-_ENV = {
-    "auth_token": "EDISTILL_AUTH_TOKEN",
-    "auth_token_file": "EDISTILL_AUTH_TOKEN_FILE",
-    "tls_ca": "EDISTILL_TLS_CA",
-    "tls_cert": "EDISTILL_TLS_CERT",
-    "tls_key": "EDISTILL_TLS_KEY",
-    "tls_server_name": "EDISTILL_TLS_SERVER_NAME",
-}
 # How often (at most) a token file is checked for changes.
 _TOKEN_RECHECK_S = 1.0
 
@@ -89,13 +81,13 @@ class TeacherCredentials:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "TeacherCredentials | None":
         """Credentials from ``EDISTILL_*`` variables, with explicit ``overrides`` winning; None if nothing is set."""
-        env = os.environ if environ is None else environ
-        values = {k: env.get(v) or None for k, v in _ENV.items()}
+        from .env import credential_fields
+
+        values: dict[str, Any] = credential_fields(environ)
         given = {k: v for k, v in overrides.items() if v is not None}
         if "auth_token" in given or "auth_token_file" in given:  # an explicit token replaces the env's
-            values.pop("auth_token"), values.pop("auth_token_file")
+            values.pop("auth_token", None), values.pop("auth_token_file", None)
         values.update(given)
-        values = {k: v for k, v in values.items() if v is not None}
         return cls(**values) if values else None
 
     @property

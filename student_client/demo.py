@@ -300,11 +300,12 @@ def _train_student(data: _Digits, cfg: DemoConfig, seed: int, *, mode: str, regi
                    fault=None, bar=None) -> _RunResult:
     """One student run. mode: "hard", "distilled", or "distilled-labelled"."""
     import torch
-    import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
-    from student_client import DistillReader, OutputSpec, kd_loss
+    from student_client import CELoss, DistillReader, OutputSpec, PoolConfig, TeacherPool, kd_loss
     from teacher_server.zoo import mlp
+
+    hard_loss = CELoss(ignore_index=-1)
 
     torch.manual_seed(seed)
     student = mlp(hidden=cfg.student_hidden, depth=1)
@@ -321,9 +322,9 @@ def _train_student(data: _Digits, cfg: DemoConfig, seed: int, *, mode: str, regi
     result = _RunResult(accuracy=0.0, curve=[])
     reader = None
     if mode != "hard":
-        reader = DistillReader(loader, registry=registry, service=SERVICE,
-                               outputs=[OutputSpec("logits")], window=8,
-                               timeout_s=5.0, wait_timeout_s=30.0)
+        pool = TeacherPool.from_registry(registry, SERVICE, [OutputSpec("logits")],
+                                         config=PoolConfig(timeout_s=5.0, wait_timeout_s=30.0))
+        reader = DistillReader(loader, pool, window=8)
     step = 0
     epoch = 0
     fault_at = cfg.steps // 2 if fault is not None else None
@@ -336,12 +337,12 @@ def _train_student(data: _Digits, cfg: DemoConfig, seed: int, *, mode: str, regi
                 seen.extend(sid.tolist())
                 logits = student(x)  # (B, 10)
                 # CE only over labelled samples (label -1 = unlabelled)
-                ce = F.cross_entropy(logits, y, ignore_index=-1) if bool((y >= 0).any()) else logits.sum() * 0
                 if teacher_out is None:
-                    loss = ce
+                    loss = hard_loss(logits, None, y)
                 else:
-                    # Hinton KD: T²·KL(teacher_T ‖ student_T) + λ·CE
-                    loss = kd_loss(logits, teacher_out["logits"], temperature=cfg.temperature) + cfg.ce_weight * ce
+                    # Hinton KD: T²·KL(teacher_T ‖ student_T) + λ·CE over the labelled rows
+                    loss = kd_loss(logits, teacher_out["logits"], temperature=cfg.temperature, labels=y,
+                                   ce_weight=cfg.ce_weight, ignore_index=-1)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -368,6 +369,7 @@ def _train_student(data: _Digits, cfg: DemoConfig, seed: int, *, mode: str, regi
     finally:
         if reader is not None:
             reader.close()
+            reader.source.close()  # the pool, made above
     result.accuracy = _accuracy(student, data)
     return result
 

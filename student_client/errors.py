@@ -7,6 +7,8 @@ script (or the ``edistill`` CLI) can catch one base class::
     ├── ConfigError               a bad argument or an unsupported configuration
     │                             (also a ValueError); raised at construction
     ├── SourceClosedError         submit() after close(), or work cut off by close()
+    ├── AnswerMissingError        a source has no answer for these samples (e.g. a
+    │                             cache miss); a FallbackSource asks the next source
     ├── NoTeacherAvailableError   no teacher answered for wait_timeout_s; names every
     │                             endpoint and its last error
     └── TeacherRequestError       a teacher refused a request for a reason that
@@ -26,6 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "AnswerMissingError",
     "ConfigError",
     "NoTeacherAvailableError",
     "SourceClosedError",
@@ -45,6 +48,18 @@ class ConfigError(StudentError, ValueError):
 
 class SourceClosedError(StudentError):
     """The knowledge source was closed before (or while) the request was served."""
+
+
+class AnswerMissingError(StudentError):
+    """A source has no answer for (some of) the batch's samples, e.g. keys not in a cache.
+
+    Attributes:
+        keys: the sample keys it has no answer for (None if unknown).
+    """
+
+    def __init__(self, message: str, *, keys: Any = None) -> None:
+        super().__init__(message)
+        self.keys = keys
 
 
 class NoTeacherAvailableError(StudentError):

@@ -13,7 +13,7 @@ the teacher maps it read-only.
   (PyTorch's ``file_descriptor`` sharing strategy): its storage's descriptor
   is passed as is, zero copies.
 * Any other tensor or array is copied once into a reusable ``memfd``
-  staging buffer (:class:`_Stager`), whose descriptor is passed instead.
+  staging buffer (:class:`~student_client.staging.Stager`), whose descriptor is passed instead.
 
 Answers are read by whichever thread pumps the pool's :class:`LocalHub`:
 the training loop while it waits for a batch, and the pool's dispatcher on
@@ -31,33 +31,29 @@ Linux only (memfd, SCM_RIGHTS, SO_PEERCRED on the teacher); elsewhere
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import select
 import socket
 import sys
 import threading
 import time
-import concurrent.futures
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from functools import partial
+from typing import Any, Callable, Sequence
 
 import grpc
 import numpy as np
 
 from protos.edistill.v1 import local_pb2 as lpb
-from protos.localwire import MAX_FDS_PER_FRAME, FrameBuffer, FrameError, encode_frame, host_id
+from protos.localwire import MAX_FDS_PER_FRAME, PROTOCOL_VERSION, FrameBuffer, FrameError, encode_frame, host_id
 
+from .localcall import CODES, LocalCall, LocalRpcError
+from .staging import Stager, shared_fd, stage
 from .wire import as_wire_array, torch_wire_dtype
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = ["LocalCall", "LocalConnection", "LocalHub", "LocalRpcError", "available", "same_host"]
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
-_ALIGN = 64  # byte alignment of each input inside a copied memfd
 _RECV_BYTES = 1 << 20
 
 
@@ -77,221 +73,23 @@ def same_host(teacher_host_id: str) -> bool:
     return bool(teacher_host_id) and teacher_host_id == _HOST_ID
 
 
-class LocalRpcError(Exception):
-    """A failed local call, shaped like ``grpc.RpcError`` (``code()``, ``details()``)."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self._code = code
-        self._details = details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-
-_CODES = {c.value[0]: c for c in grpc.StatusCode}
-
-
-_CALL_LOCK = threading.Lock()  # state changes of every LocalCall (held for a few bytecodes)
-
-
-class LocalCall:
-    """One local Predict call, with the part of the ``grpc.Future`` surface the pool uses.
-
-    ``add_done_callback``, ``cancel``, ``cancelled``, ``done``, ``result`` and
-    ``exception`` (the last two only once done: the pool calls them from the
-    done-callback), plus ``outcome`` (result, exception and cancelled in one
-    call). Lighter than a ``concurrent.futures.Future`` (no condition
-    variable per call), since nothing ever blocks on it. It also holds what
-    must outlive the call: the input tensors whose memory the teacher reads.
-    """
-
-    __slots__ = ("call_id", "deadline", "_keep", "_state", "_result", "_exc", "_callbacks", "_staging",
-                 "_stager")
-
-    def __init__(self, call_id: int, deadline: float | None, keep: Any, staging: "_Staging | None" = None,
-                 stager: "_Stager | None" = None, on_done: Callable[["LocalCall"], None] | None = None) -> None:
-        self.call_id = call_id
-        self.deadline = deadline
-        self._keep = keep
-        self._staging, self._stager = staging, stager
-        self._state = 0  # 0 pending, 1 done, 2 cancelled
-        self._result = None
-        self._exc: BaseException | None = None
-        self._callbacks: list = [] if on_done is None else [on_done]
-
-    def done(self) -> bool:
-        return self._state != 0
-
-    def cancelled(self) -> bool:
-        return self._state == 2
-
-    def result(self, timeout: float | None = None):
-        if self._state == 0:
-            raise RuntimeError("LocalCall.result() before the call finished (the pool only reads it when done)")
-        if self._state == 2:
-            raise concurrent.futures.CancelledError()
-        if self._exc is not None:
-            raise self._exc
-        return self._result
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        if self._state == 0:
-            raise RuntimeError("LocalCall.exception() before the call finished")
-        if self._state == 2:
-            raise concurrent.futures.CancelledError()
-        return self._exc
-
-    def outcome(self) -> tuple[Any, BaseException | None, bool]:
-        """``(result, exception, cancelled)`` of a finished call, in one call."""
-        if self._state == 0:
-            raise RuntimeError("LocalCall.outcome() before the call finished")
-        return self._result, self._exc, self._state == 2
-
-    def add_done_callback(self, fn: Callable[["LocalCall"], None]) -> None:
-        with _CALL_LOCK:
-            if self._state == 0:
-                self._callbacks.append(fn)
-                return
-        fn(self)
-
-    def cancel(self) -> bool:
-        return self._finish(2, None, None)
-
-    def _settle(self, result=None, exc: BaseException | None = None) -> None:
-        self._finish(1, result, exc)
-
-    def _finish(self, state: int, result, exc: BaseException | None) -> bool:
-        with _CALL_LOCK:
-            if self._state != 0:
-                return False
-            self._state, self._result, self._exc = state, result, exc
-            callbacks, self._callbacks = self._callbacks, []
-            staging, self._staging = self._staging, None
-        self._keep = None
-        if staging is not None:
-            self._stager.give(staging)
-        for fn in callbacks:
-            try:
-                fn(self)
-            except Exception:  # like concurrent.futures: a failing callback must not stop the others
-                logger.exception("a local call's done-callback failed")
-        return True
-
-
-_torch = None  # the torch module, bound by the first shared tensor (this module imports it lazily)
-
-
-def _shared_fd(value: "torch.Tensor") -> tuple[int, int] | None:
-    """(descriptor, byte offset) of a torch tensor whose storage is fd-shared CPU memory, else None."""
-    global _torch
-    if _torch is None:
-        import torch.multiprocessing
-
-        _torch = torch
-    if not value.is_cpu or not value.is_contiguous():
-        return None
-    if _torch.multiprocessing.get_sharing_strategy() != "file_descriptor":
-        return None
-    try:
-        # The descriptor an fd-shared storage (what a DataLoader worker hands over) already
-        # holds; no copy. Raises for private memory, or memory shared another way.
-        fd = value.untyped_storage()._get_shared_fd()
-    except (RuntimeError, AttributeError):  # not fd-shared (or an older torch): copy instead
-        return None
-    return fd, value.storage_offset() * value.element_size()
-
-
-class _Staging:
-    """A reusable memfd mapping that private-memory batches are copied into."""
-
-    __slots__ = ("fd", "mm", "view", "capacity")
-
-    def __init__(self, capacity: int) -> None:
-        self.fd = os.memfd_create("edistill-batch", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(self.fd, capacity)
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # fault the pages in once, now
-            self.mm = mmap.mmap(self.fd, capacity, flags=flags)
-        except BaseException:
-            os.close(self.fd)
-            raise
-        self.view = np.frombuffer(self.mm, dtype=np.uint8)
-        self.capacity = capacity
-
-    def close(self) -> None:
-        self.view = None
-        try:
-            self.mm.close()
-        except BufferError:  # a numpy view still exists somewhere: the GC unmaps it later
-            pass
-        os.close(self.fd)
-
-
-class _Stager:
-    """Staging buffers for batches that are not in shared memory already.
-
-    A batch in private memory (a pinned tensor, one made on the fly, a numpy
-    array) is copied once into a staging buffer, whose descriptor is sent
-    instead. Buffers are reused once their call is over, so the pages are
-    faulted in once, not per batch (a fresh 768 KiB buffer per request cost
-    this VM about 0.6 ms more). A buffer whose call was abandoned may be
-    reused while the teacher still reads it for that call; that answer is
-    dropped anyway, and the teacher only ever reads.
-    """
-
-    _CHUNK = 1 << 20  # capacities are whole MiB, so similar batches share buffers
-    _MAX_FREE_BYTES = 256 << 20
-
-    def __init__(self) -> None:
-        self._free: list[_Staging] = []
-        self._lock = threading.Lock()
-
-    def take(self, nbytes: int) -> _Staging:
-        with self._lock:
-            fits = [b for b in self._free if b.capacity >= nbytes]
-            if fits:
-                best = min(fits, key=lambda b: b.capacity)
-                self._free.remove(best)
-                return best
-        return _Staging(max(self._CHUNK, -(-nbytes // self._CHUNK) * self._CHUNK))
-
-    def give(self, buf: _Staging) -> None:
-        with self._lock:
-            if sum(b.capacity for b in self._free) + buf.capacity <= self._MAX_FREE_BYTES:
-                self._free.append(buf)
-                return
-        buf.close()
-
-    def close(self) -> None:
-        with self._lock:
-            free, self._free = self._free, []
-        for b in free:
-            b.close()
-
-
-def _stage(stager: _Stager, arrays: Sequence[np.ndarray]) -> tuple[_Staging, list[int]]:
-    """Copy ``arrays`` back to back (64-byte aligned) into one staging buffer; their offsets."""
-    offsets, pos = [], 0
-    for arr in arrays:
-        offsets.append(pos)
-        pos += (arr.nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
-    buf = stager.take(max(pos, _ALIGN))
-    for arr, off in zip(arrays, offsets):
-        if arr.nbytes:
-            buf.view[off:off + arr.nbytes] = arr.reshape(-1).view(np.uint8)
-    return buf, offsets
+def _outcome(on_done: Callable[[Any, BaseException | None, bool], None], call: LocalCall) -> None:
+    on_done(*call.outcome())
 
 
 class LocalConnection:
-    """One connection to one teacher's local socket (made by :meth:`LocalHub.connect`)."""
+    """One connection to one teacher's local socket (made by :meth:`LocalHub.connect`).
+
+    It is a transport of the pool (:mod:`student_client.transports`):
+    :meth:`start` sends one attempt of a pool request.
+    """
+
+    kind = "local"
 
     def __init__(self, hub: "LocalHub", sock: socket.socket, path: str, teacher_id: str,
-                 max_frame_bytes: int) -> None:
+                 max_frame_bytes: int, outputs_blob: bytes = b"") -> None:
         self._hub = hub
+        self._outputs_blob = outputs_blob
         self.sock = sock
         self.path = path
         self.teacher_id = teacher_id
@@ -305,6 +103,12 @@ class LocalConnection:
 
     def __repr__(self) -> str:
         return f"LocalConnection({self.path!r}, teacher_id={self.teacher_id!r}, closed={self.closed})"
+
+    def start(self, r, timeout_s: float | None,
+              on_done: Callable[[Any, BaseException | None, bool], None]) -> LocalCall:
+        """Send one attempt of the pool request ``r``; ``on_done(response, exception, cancelled)``."""
+        return self.predict(r.request_id, list(r.inputs.items()), self._outputs_blob, timeout_s,
+                            partial(_outcome, on_done))
 
     def predict(self, request_id: str, inputs: Sequence[tuple[str, Any]], outputs_blob: bytes,
                 timeout_s: float | None, on_done: Callable[[LocalCall], None] | None = None) -> LocalCall:
@@ -325,7 +129,7 @@ class LocalConnection:
         copies: list[tuple[int, np.ndarray]] = []
         for name, value in inputs:
             wire = torch_wire_dtype(value)
-            shared = _shared_fd(value) if wire is not None else None
+            shared = shared_fd(value) if wire is not None else None
             if shared is not None:  # zero copy: the teacher maps this very memory
                 fd, offset = shared
                 if fd not in fds:
@@ -338,7 +142,7 @@ class LocalConnection:
                 specs.append(lpb.SharedTensor(name=name, dtype=wire, shape=arr.shape))
         try:
             if copies:
-                staging, offsets = _stage(self._hub._stager, [a for _, a in copies])
+                staging, offsets = stage(self._hub._stager, [a for _, a in copies])
                 fds.append(staging.fd)
                 for (i, _), off in zip(copies, offsets):
                     specs[i].fd_index, specs[i].offset = len(fds) - 1, off
@@ -397,7 +201,7 @@ class LocalConnection:
                 if reply.code == 0:
                     done.append((call, reply.response, None))
                 else:
-                    code = _CODES.get(reply.code, grpc.StatusCode.UNKNOWN)
+                    code = CODES.get(reply.code, grpc.StatusCode.UNKNOWN)
                     done.append((call, None, LocalRpcError(code, reply.details)))
         except Exception as exc:  # FrameError, DecodeError: the stream is no longer trustworthy
             done += self._fail_all(f"teacher {self.teacher_id} sent an unreadable local frame ({exc})")
@@ -460,7 +264,7 @@ class LocalHub:
         self._by_fd: dict[int, LocalConnection] = {}  # the open connections, by socket descriptor
         self._lock = threading.Lock()
         self._role = threading.Lock()  # held by the one thread reading the sockets
-        self._stager = _Stager()
+        self._stager = Stager()
         self._rbuf = bytearray(_RECV_BYTES)
         self._rview = memoryview(self._rbuf)
         self._closed = False
@@ -474,7 +278,7 @@ class LocalHub:
         return len(self._by_fd)
 
     def connect(self, path: str, *, teacher_id: str, token: str | None, timeout_s: float,
-                max_frame_bytes: int) -> LocalConnection:
+                max_frame_bytes: int, outputs_blob: bytes = b"") -> LocalConnection:
         """Connect and handshake; raises ``OSError``/``ConnectionError`` saying what failed."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
@@ -493,13 +297,13 @@ class LocalHub:
                     welcome = lpb.LocalWelcome.FromString(frame)
                     break
             if welcome.code:
-                name = _CODES.get(welcome.code, grpc.StatusCode.UNKNOWN).name
+                name = CODES.get(welcome.code, grpc.StatusCode.UNKNOWN).name
                 raise ConnectionError(f"teacher refused the local connection on {path}: {name}: {welcome.details}")
             if welcome.teacher_id != teacher_id:
                 raise ConnectionError(f"{path} is teacher {welcome.teacher_id!r}, not {teacher_id!r} "
                                       "(the one that answered over gRPC)")
             sock.settimeout(None)
-            conn = LocalConnection(self, sock, path, teacher_id, max_frame_bytes)
+            conn = LocalConnection(self, sock, path, teacher_id, max_frame_bytes, outputs_blob)
         except (OSError, FrameError, ValueError) as exc:
             sock.close()
             if isinstance(exc, (ConnectionError, FrameError)):

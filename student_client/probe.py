@@ -25,9 +25,14 @@ inject a fake.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from functools import partial
+from typing import Any, Callable, Iterable
 
-__all__ = ["HealthFactory", "PROBE_SERVICE", "default_health_factory", "probe_request", "probe_outcome"]
+from .breaker import UNVERIFIED
+from .status import code_and_details
+
+__all__ = ["HealthFactory", "HealthProber", "PROBE_SERVICE", "default_health_factory", "probe_outcome",
+           "probe_request"]
 
 #: The health-check service name every teacher sets SERVING once it serves
 #: (teacher_server.server.SERVICE_NAME); a generic gRPC server answers NOT_FOUND.
@@ -57,13 +62,7 @@ def probe_outcome(call) -> tuple[bool, str]:
         return False, "CANCELLED: health check cancelled"
     exc = call.exception()
     if exc is not None:
-        code = getattr(exc, "code", None)
-        details = getattr(exc, "details", None)
-        try:
-            name = code().name if callable(code) else type(exc).__name__
-            text = details() if callable(details) else str(exc)
-        except Exception:  # an odd exception type from a custom transport
-            name, text = type(exc).__name__, str(exc)
+        name, text = code_and_details(exc, default=type(exc).__name__)
         return False, f"{name}: {text or 'no details'}"
     from grpc_health.v1 import health_pb2
 
@@ -71,3 +70,76 @@ def probe_outcome(call) -> tuple[bool, str]:
     if status == health_pb2.HealthCheckResponse.SERVING:
         return True, "SERVING"
     return False, f"health status {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}"
+
+
+class _BrokenHealth:
+    """Stands in for a health stub that could not be built: every Check fails, saying why."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.Check = self
+        self._exc = exc
+
+    def future(self, request, timeout=None):
+        raise RuntimeError(f"cannot health-check this channel ({self._exc}); pass health_factory= or "
+                           "PoolConfig(probe_timeout_s=None)") from self._exc
+
+
+class HealthProber:
+    """Sends the health checks of a pool's teachers and reports each outcome.
+
+    Args:
+        factory: ``channel -> stub`` (default: the generated HealthStub).
+        timeout_s: deadline of each check; None disables checking (teachers
+            are then trusted as soon as they are added).
+        on_result: ``(teacher, serving, reason)``, called from a gRPC callback
+            thread (or the caller's, when a check cannot even be sent); the
+            pool updates the teacher's breaker there.
+    """
+
+    def __init__(self, factory: HealthFactory | None, timeout_s: float | None,
+                 on_result: Callable[[Any, bool, str], None]) -> None:
+        self._factory = factory or default_health_factory
+        self._timeout_s = timeout_s
+        self._request = probe_request() if timeout_s is not None else None
+        self._on_result = on_result
+
+    @property
+    def enabled(self) -> bool:
+        return self._timeout_s is not None
+
+    def stub(self, channel):
+        """The health stub of a new teacher's channel (None when checks are off)."""
+        if not self.enabled:
+            return None
+        try:
+            return self._factory(channel)
+        except Exception as exc:  # e.g. a custom channel without unary_unary: every probe fails, clearly
+            return _BrokenHealth(exc)
+
+    @staticmethod
+    def due_locked(teachers: Iterable, now: float) -> list:
+        """Unverified teachers whose next check is due, marked as probing (under the pool's lock)."""
+        due = []
+        for t in teachers:
+            if t.breaker.state == UNVERIFIED and not t.probing and t.health is not None \
+                    and t.breaker.health_check_due(now):
+                t.probing = True
+                due.append(t)
+        return due
+
+    def start(self, teachers: Iterable) -> None:
+        """Send a check to each teacher; never called with the pool's lock held."""
+        for t in teachers:
+            try:
+                call = t.health.Check.future(self._request, timeout=self._timeout_s)
+            except Exception as exc:  # e.g. the channel was closed by a concurrent removal
+                self._on_result(t, False, f"{type(exc).__name__}: {exc}")
+                continue
+            call.add_done_callback(partial(self._done, t))
+
+    def _done(self, t, call) -> None:
+        try:
+            ok, reason = probe_outcome(call)
+        except Exception as e:  # a response we cannot read is a failed check
+            ok, reason = False, f"unreadable health answer: {e}"
+        self._on_result(t, ok, reason)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-__all__ = ["PoolStats", "ReaderStats", "TeacherStats", "percentile"]
+__all__ = ["PoolStats", "ReaderStats", "SourceStats", "TeacherStats", "percentile"]
 
 
 def percentile(sorted_samples: Sequence[float], q: float) -> float | None:
@@ -53,30 +53,53 @@ class TeacherStats:
 
 
 @dataclass(frozen=True)
-class PoolStats:
-    """Counters of a teacher pool.
+class SourceStats:
+    """What a knowledge source did so far (every source returns one from ``stats()``).
 
     Attributes:
+        kind: what the source is (``"pool"``, ``"in-process"``, ``"fallback"``,
+            ``"ensemble"``, ...).
         submitted: batches submitted.
         completed: batches answered with outputs.
         failed: batches that resolved with an error (not counting cancellations).
         cancelled: batches whose caller withdrew them.
-        retries: re-sends after a failure or a removed teacher.
+        retries: re-sends after a failure or a removed teacher (remote sources).
         late_answers_dropped: answers that arrived after their batch had been
             re-sent or withdrawn (never delivered twice).
         hedges: requests also sent to a second teacher because the first had
             not answered within ``PoolConfig.hedge_after_s`` (first answer wins).
-        teachers: per-endpoint counters, removed endpoints included.
+        teachers: per-endpoint counters, removed endpoints included (remote
+            sources; a composite source merges its parts').
+        parts: the stats of the sources a composite source is made of, by name.
     """
 
-    submitted: int
-    completed: int
-    failed: int
-    cancelled: int
-    retries: int
-    late_answers_dropped: int
-    teachers: dict[str, TeacherStats] = field(default_factory=dict)
+    kind: str = ""
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    retries: int = 0
+    late_answers_dropped: int = 0
     hedges: int = 0
+    teachers: dict[str, TeacherStats] = field(default_factory=dict)
+    parts: dict[str, "SourceStats"] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line: batches answered, failed, and (remote sources) retries and teachers."""
+        line = f"{self.kind or 'source'}: {self.completed}/{self.submitted} batches answered, {self.failed} failed"
+        if self.teachers:
+            line += f", {self.retries} retries, {len(self.teachers)} teacher(s) seen"
+        return line
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+@dataclass(frozen=True)
+class PoolStats(SourceStats):
+    """A :class:`~student_client.pool.TeacherPool`'s counters (``kind="pool"``)."""
+
+    kind: str = "pool"
 
 
 @dataclass(frozen=True)
@@ -88,8 +111,8 @@ class ReaderStats:
         epochs: epochs started.
         wait_s: time the training loop spent blocked on teacher outputs; a
             large share of the training time means more teachers would help.
-        source: the knowledge source's own stats (a PoolStats for teachers,
-            a dict for other sources).
+        source: the knowledge source's own :class:`SourceStats` (a
+            :class:`PoolStats` for remote teachers).
         samples: samples delivered (the first dimension of each batch's
             teacher input).
         wall_s: time spent inside epochs (from the first ``next()`` of an
@@ -104,7 +127,7 @@ class ReaderStats:
     batches: int
     epochs: int
     wait_s: float
-    source: Any = None
+    source: SourceStats = field(default_factory=SourceStats)
     samples: int = 0
     wall_s: float = 0.0
 
@@ -121,7 +144,7 @@ class ReaderStats:
     @property
     def teachers(self) -> dict[str, TeacherStats]:
         """Per-teacher counters by endpoint (removed teachers included; empty for other sources)."""
-        return dict(getattr(self.source, "teachers", None) or {})
+        return dict(self.source.teachers)
 
     @property
     def live_teachers(self) -> int:
@@ -131,20 +154,19 @@ class ReaderStats:
     @property
     def retries(self) -> int:
         """Batches re-sent after a failure or a removed teacher (0 for sources without retries)."""
-        return int(getattr(self.source, "retries", 0))
+        return self.source.retries
 
     @property
     def failovers(self) -> int:
         """Batches taken away from a failing or removed teacher, summed over teachers."""
-        teachers = getattr(self.source, "teachers", None) or {}
-        return sum(t.failovers for t in teachers.values())
+        return sum(t.failovers for t in self.source.teachers.values())
 
     def as_dict(self) -> dict[str, Any]:
         """A flat summary for logs and reports (per-teacher details stay in ``source``)."""
         return {"batches": self.batches, "epochs": self.epochs, "samples": self.samples,
                 "wall_s": self.wall_s, "wait_s": self.wait_s, "wait_fraction": self.wait_fraction,
                 "samples_per_s": self.samples_per_s, "retries": self.retries, "failovers": self.failovers,
-                "late_answers_dropped": int(getattr(self.source, "late_answers_dropped", 0)),
+                "late_answers_dropped": self.source.late_answers_dropped,
                 "teachers": len(self.teachers), "live_teachers": self.live_teachers}
 
     def summary(self) -> str:
@@ -152,6 +174,10 @@ class ReaderStats:
         return (f"{self.batches} batches, {self.samples_per_s:.0f} samples/s, "
                 f"{self.live_teachers} live teacher(s), waiting on teachers {self.wait_fraction:.0%} "
                 f"of the time, {self.retries} retries, {self.failovers} failovers")
+
+    def __str__(self) -> str:
+        """The one-line :meth:`summary` (``repr`` stays complete)."""
+        return self.summary()
 
     def get(self, key: str, default: Any = None) -> Any:
         """Dict-style access to :meth:`as_dict`'s summary."""

@@ -19,6 +19,7 @@ it flaky. Cost: about 50 s on an idle 2-core box, up to ~90 s when it is shared
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import os
 import re
@@ -27,6 +28,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import grpc
 import numpy as np
@@ -40,7 +42,7 @@ from protos.edistill.v1 import teacher_pb2 as pb
 from protos.edistill.v1 import teacher_pb2_grpc as pb_grpc
 from registry import EmbeddedRedis, TeacherRecord, connect, encode_record, fetch_service, keys
 from registry.connection import server_time_ms
-from student_client import DistillReader, NoTeacherAvailableError, PoolConfig
+from student_client import DistillReader, NoTeacherAvailableError, PoolConfig, TeacherPool
 from tests.helpers.redis_proc import pid_alive, wait_until
 from tests.helpers.teacher_proc import TeacherProcess
 
@@ -113,10 +115,14 @@ def expiry_ms(client: redis.Redis, endpoint: str) -> int:
     return int(client.zscore(keys.members_key(SERVICE), record.teacher_id))
 
 
-def registry_reader(url: str, n_or_loader, **kwargs) -> DistillReader:
+@contextlib.contextmanager
+def registry_reader(url: str, n_or_loader, *, poll_s: float | None = None, **kwargs) -> Iterator[DistillReader]:
+    """A reader over a registry pool (closed with it); ``kwargs`` go to the reader."""
     data = loader(n_or_loader) if isinstance(n_or_loader, int) else n_or_loader
-    kwargs.setdefault("pool_config", PoolConfig(timeout_s=10, wait_timeout_s=30, max_in_flight_per_teacher=3))
-    return DistillReader(data, registry=url, service=SERVICE, teacher_input=lambda b: b, **kwargs)
+    config = PoolConfig(timeout_s=10, wait_timeout_s=30, max_in_flight_per_teacher=3)
+    with TeacherPool.from_registry(url, SERVICE, poll_s=poll_s, config=config) as pool, \
+            DistillReader(data, pool, teacher_input=lambda b: b, **kwargs) as reader:
+        yield reader
 
 
 @pytest.fixture
@@ -136,7 +142,7 @@ def test_sigkill_one_of_three_teachers_under_load_loses_and_duplicates_nothing(r
         n_batches = 400
         # poll_s far above the TTL: joins arrive as events, and the silent departure of
         # the killed teacher must be noticed when its entry expires, not at a poll.
-        with registry_reader(redis_server.url, n_batches * 8, window=9, registry_poll_s=60) as reader:
+        with registry_reader(redis_server.url, n_batches * 8, window=9, poll_s=60) as reader:
             pool = reader.source
             wait_until(lambda: set(pool.endpoints) == everyone, timeout_s=10, what="the reader to find 3 teachers")
             seen: list[int] = []
@@ -235,7 +241,7 @@ def test_redis_down_for_10s_mid_epoch_training_continues_and_teachers_reregister
     everyone = {p.address for p in procs}
     outage_s = 10.0
     try:
-        with registry_reader(redis_server.url, 10**6, registry_poll_s=0.5) as reader:
+        with registry_reader(redis_server.url, 10**6, poll_s=0.5) as reader:
             pool = reader.source
             wait_until(lambda: set(pool.endpoints) == everyone, timeout_s=10, what="the reader to find 2 teachers")
             seen: list[int] = []
@@ -427,7 +433,8 @@ def test_unreachable_registry_is_named_in_the_no_teacher_error():
         url = server.url
     # The server is gone: a wrong port, or Redis not running. The reader keeps trying
     # and, after wait_timeout_s, says why no teacher could be found.
-    with DistillReader(loader(16), registry=url, service=SERVICE, wait_timeout_s=1.5) as reader:
+    with TeacherPool.from_registry(url, SERVICE, config=PoolConfig(wait_timeout_s=1.5)) as pool, \
+            DistillReader(loader(16), pool) as reader:
         with pytest.raises(NoTeacherAvailableError) as info:
             list(reader)
     message = str(info.value)
@@ -436,8 +443,8 @@ def test_unreachable_registry_is_named_in_the_no_teacher_error():
 
 
 def test_a_service_without_teachers_is_named_in_the_no_teacher_error(redis_server):
-    with DistillReader(loader(16), registry=redis_server.url, service="no-such-service",
-                       wait_timeout_s=1.5) as reader:
+    with TeacherPool.from_registry(redis_server.url, "no-such-service", config=PoolConfig(wait_timeout_s=1.5)) \
+            as pool, DistillReader(loader(16), pool) as reader:
         with pytest.raises(NoTeacherAvailableError) as info:
             list(reader)
     assert "lists no live teacher for service 'no-such-service'" in str(info.value)

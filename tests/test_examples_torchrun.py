@@ -156,7 +156,7 @@ def test_bad_configuration_fails_with_one_clear_line(case, teachers, dead_redis_
     assert result.returncode == 2, result.stdout + result.stderr
     expected = {
         "no_teachers": "give exactly one of --registry URL",
-        "unreachable_registry": "check the --registry URL and that Redis is running",
+        "unreachable_registry": "is unreachable, so no teacher could be discovered",
         "empty_service": "lists no live teacher for service 'nobody-serves-this'",
     }[case]
     assert expected in result.stderr

@@ -25,7 +25,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from student_client import DistillReader, PoolConfig, TeacherPool, TeacherRequestError
+from student_client import DistillReader, PoolConfig, SourceRequest, TeacherPool, TeacherRequestError
 from student_client.errors import ConfigError
 from tests.helpers.datasets import IdDataset
 from tests.helpers.redis_proc import wait_until
@@ -43,7 +43,7 @@ def _latency(delay_ms: float = 5.0, *extra: str, env: dict | None = None) -> Tea
 def _warm(pool: TeacherPool, n: int = 1) -> None:
     """Send batches until the pool has switched ``n`` teachers to the local transport."""
     def switched() -> bool:
-        pool.submit({"input": torch.zeros(2, FEATURES)}, batch_id="warm").result(timeout=30)
+        pool.submit(SourceRequest({"input": torch.zeros(2, FEATURES)}, "warm")).result(timeout=30)
         return sum(t.transport == "local" for t in pool.stats().teachers.values()) >= n
     wait_until(switched, timeout_s=30, interval_s=0.05, what=f"{n} teacher(s) on the local transport")
 
@@ -62,7 +62,7 @@ def test_same_host_teacher_is_used_over_the_local_socket_for_shared_private_and_
         strided = _batch(2, rows=32)[::2]  # not contiguous: copied before sending
         offset = torch.cat([torch.zeros(3, FEATURES), _batch(3)]).share_memory_()[3:]  # shared, storage offset 3 rows
         for x in (shared, private, strided, offset):
-            out = pool.submit({"input": x}, batch_id="b").result(timeout=30)["logits"]
+            out = pool.submit(SourceRequest({"input": x}, "b")).result(timeout=30)["logits"]
             assert out.shape == (x.shape[0], 10)
             assert torch.equal(out[:, 0], x[:, 0]), "answer does not belong to the batch sent"
         stats = pool.stats()
@@ -92,17 +92,21 @@ def test_local_transport_off_keeps_grpc(monkeypatch):
     with _latency() as t:
         with TeacherPool([t.address], config=PoolConfig(local_transport="off")) as pool:
             for i in range(5):
-                pool.submit({"input": _batch(i)}, batch_id=i).result(timeout=30)
+                pool.submit(SourceRequest({"input": _batch(i)}, i)).result(timeout=30)
             (ts,) = pool.stats().teachers.values()
             assert ts.transport == "grpc" and ts.successes == 5
         monkeypatch.setenv("EDISTILL_LOCAL_TRANSPORT", "off")
         with TeacherPool([t.address]) as pool:
             for i in range(5):
-                pool.submit({"input": _batch(i)}, batch_id=i).result(timeout=30)
+                pool.submit(SourceRequest({"input": _batch(i)}, i)).result(timeout=30)
             assert pool.stats().teachers[t.address].transport == "grpc"
     monkeypatch.setenv("EDISTILL_LOCAL_TRANSPORT", "sometimes")
     with pytest.raises(ConfigError, match="local_transport must be 'auto' or 'off'"):
-        PoolConfig()
+        PoolConfig.from_env()  # what a pool made without a config reads
+    with pytest.raises(ConfigError, match="local_transport must be 'auto' or 'off'"):
+        TeacherPool(["127.0.0.1:1"])
+    assert PoolConfig().local_transport == "auto"  # an explicit config is what it says
+    assert TeacherPool(["127.0.0.1:1"], trust_env=False).config.local_transport == "auto"
 
 
 def test_a_bad_batch_over_the_local_socket_gets_the_same_clear_error_as_over_grpc():
@@ -113,12 +117,12 @@ def test_a_bad_batch_over_the_local_socket_gets_the_same_clear_error_as_over_grp
                 if mode == "auto":
                     _warm(pool)
                 with pytest.raises(TeacherRequestError) as info:
-                    pool.submit({"input": torch.zeros(4, FEATURES + 1)}, batch_id="bad").result(timeout=30)
+                    pool.submit(SourceRequest({"input": torch.zeros(4, FEATURES + 1)}, "bad")).result(timeout=30)
                 assert info.value.code == "INVALID_ARGUMENT"
                 messages.append(info.value.details)
                 # the teacher is still fine for good batches
                 x = _batch(0)
-                assert torch.equal(pool.submit({"input": x}, batch_id=1).result(timeout=30)["logits"][:, 0], x[:, 0])
+                assert torch.equal(pool.submit(SourceRequest({"input": x}, 1)).result(timeout=30)["logits"][:, 0], x[:, 0])
                 assert pool.stats().teachers[t.address].transport == ("local" if mode == "auto" else "grpc")
         assert messages[0] == messages[1] and str(FEATURES) in messages[0]
 
@@ -149,7 +153,7 @@ def test_a_teacher_requiring_a_token_is_used_locally_with_the_token_and_never_wi
             # No token here: health checks are open, but Describe and Predict are not, so the
             # local socket is never offered and the batch is refused over gRPC.
             with pytest.raises(TeacherRequestError) as info:
-                pool.submit({"input": _batch(0)}, batch_id=0).result(timeout=30)
+                pool.submit(SourceRequest({"input": _batch(0)}, 0)).result(timeout=30)
             assert info.value.code == "UNAUTHENTICATED"
             assert pool.stats().teachers[t.address].transport == "grpc"
         from student_client.credentials import TeacherCredentials
@@ -158,7 +162,7 @@ def test_a_teacher_requiring_a_token_is_used_locally_with_the_token_and_never_wi
         with TeacherPool([t.address], credentials=creds) as pool:
             _warm(pool)
             x = _batch(1)
-            assert torch.equal(pool.submit({"input": x}, batch_id=1).result(timeout=30)["logits"][:, 0], x[:, 0])
+            assert torch.equal(pool.submit(SourceRequest({"input": x}, 1)).result(timeout=30)["logits"][:, 0], x[:, 0])
 
 
 def test_the_student_leaks_no_file_descriptors_over_many_local_requests():
@@ -168,9 +172,9 @@ def test_the_student_leaks_no_file_descriptors_over_many_local_requests():
     with _latency(1.0) as t, TeacherPool([t.address]) as pool:
         _warm(pool)
         for i in range(20):  # settle: lazily created fds (selectors, memfds already closed)
-            pool.submit({"input": _batch(i)}, batch_id=i).result(timeout=30)
+            pool.submit(SourceRequest({"input": _batch(i)}, i)).result(timeout=30)
         before = open_fds()
-        futs = [pool.submit({"input": _batch(i) if i % 2 else _batch(i).share_memory_()}, batch_id=i)
+        futs = [pool.submit(SourceRequest({"input": _batch(i) if i % 2 else _batch(i).share_memory_()}, i))
                 for i in range(300)]
         for i, f in enumerate(futs):
             assert f.result(timeout=60)["logits"][0, 0] == i * 16
@@ -185,7 +189,7 @@ def test_a_teacher_stopped_with_sigterm_closes_its_local_connection_and_the_othe
         assert a.wait(timeout=20) == 0
         for i in range(40):
             x = _batch(i)
-            assert torch.equal(pool.submit({"input": x}, batch_id=i).result(timeout=30)["logits"][:, 0], x[:, 0])
+            assert torch.equal(pool.submit(SourceRequest({"input": x}, i)).result(timeout=30)["logits"][:, 0], x[:, 0])
         stats = pool.stats().teachers
         assert stats[b.address].transport == "local"
         assert stats[a.address].transport == "grpc"  # its local connection was closed by the drain
@@ -197,7 +201,7 @@ def test_private_batches_of_varying_sizes_reuse_staging_buffers_without_mixing_a
     with _latency(2.0) as t, TeacherPool([t.address], config=PoolConfig(max_in_flight_per_teacher=8)) as pool:
         _warm(pool)
         batches = [_batch(i, rows=1 + (i * 7) % 64) for i in range(120)]
-        futs = [pool.submit({"input": x}, batch_id=i) for i, x in enumerate(batches)]
+        futs = [pool.submit(SourceRequest({"input": x}, i)) for i, x in enumerate(batches)]
         for x, f in zip(batches, futs):
             out = f.result(timeout=60)["logits"]
             assert out.shape[0] == x.shape[0] and torch.equal(out[:, 0], x[:, 0])
@@ -211,7 +215,7 @@ def test_cancelling_a_batch_from_another_thread_ends_a_wait_on_it_at_once():
                        "--max-batch-size", "64")
     with t, TeacherPool([t.address]) as pool:
         _warm(pool)  # 2 rows: 0.2 s per batch
-        fut = pool.submit({"input": _batch(0, rows=60).share_memory_()}, batch_id="slow")  # 6 s
+        fut = pool.submit(SourceRequest({"input": _batch(0, rows=60).share_memory_()}, "slow"))  # 6 s
         timer = threading.Timer(0.3, fut.cancel)
         timer.start()
         t0 = time.monotonic()
@@ -224,5 +228,5 @@ def test_cancelling_a_batch_from_another_thread_ends_a_wait_on_it_at_once():
         assert stats.cancelled == 1
         # The pool goes on: the next batch is served locally.
         x = _batch(1, rows=2)
-        assert torch.equal(pool.submit({"input": x}, batch_id="next").result(timeout=30)["logits"][:, 0], x[:, 0])
+        assert torch.equal(pool.submit(SourceRequest({"input": x}, "next")).result(timeout=30)["logits"][:, 0], x[:, 0])
         assert stats.teachers[t.address].transport == "local"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from student_client import DistillReader, PoolConfig
+from student_client import DistillReader, PoolConfig, TeacherPool
 from student_client.errors import ConfigError
 from student_client.sources import KnowledgeSource
 from teacher_server import BackgroundTeacher, LoadedModel, TeacherConfig, zoo
@@ -25,9 +25,9 @@ class _TimedSource(KnowledgeSource):
         self.delay_s = delay_s
         self._timers: list[threading.Timer] = []
 
-    def submit(self, inputs, *, batch_id):
+    def submit(self, request):
         fut: Future = Future()
-        out = {"logits": next(iter(inputs.values()))}
+        out = {"logits": next(iter(request.inputs.values()))}
         if self.delay_s == 0:
             fut.set_result(out)
         else:
@@ -40,8 +40,6 @@ class _TimedSource(KnowledgeSource):
         for t in self._timers:
             t.cancel()
 
-    def stats(self):
-        return {}
 
 
 def test_stats_after_a_teacher_is_killed_add_up_to_the_batches_delivered() -> None:
@@ -51,7 +49,7 @@ def test_stats_after_a_teacher_is_killed_add_up_to_the_batches_delivered() -> No
         loader = DataLoader(IdDataset(4 * n_batches), batch_size=4)
         seen: list[int] = []
         cfg = PoolConfig(timeout_s=10.0, wait_timeout_s=20.0)
-        with DistillReader(loader, teachers=[p.address for p in procs], window=8, pool_config=cfg) as reader:
+        with TeacherPool([p.address for p in procs], config=cfg) as pool, DistillReader(loader, pool, window=8) as reader:
             # Teachers count as live once they passed their first health check (a loopback round trip).
             deadline = time.monotonic() + 10
             while reader.stats().live_teachers != 2:

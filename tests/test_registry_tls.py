@@ -17,7 +17,7 @@ import torch
 from registry import (REDIS_CA_ENV, EmbeddedRedis, RegistryConfigError, RegistryError, TeacherRecord,
                       TeacherRegistration)
 from registry.connection import connect
-from student_client import DistillReader, PoolConfig
+from student_client import DistillReader, PoolConfig, TeacherPool
 from tests.helpers.certs import TestCA
 from tests.helpers.teacher_proc import REPO_ROOT, TeacherProcess
 from tests.helpers.tls_proxy import TLSProxy
@@ -46,8 +46,8 @@ def test_teacher_registers_over_rediss_and_a_reader_discovers_it_and_trains(tls_
         # ... the student from $EDISTILL_REDIS_CA with a plain rediss:// URL.
         monkeypatch.setenv(REDIS_CA_ENV, ca)
         loader = [torch.full((k % 3 + 1, 8), float(k)) for k in range(10)]
-        with DistillReader(loader, registry=url, service=SERVICE,
-                           pool_config=PoolConfig(timeout_s=10, wait_timeout_s=30)) as reader:
+        with TeacherPool.from_registry(url, SERVICE, config=PoolConfig(timeout_s=10, wait_timeout_s=30)) as pool, \
+                DistillReader(loader, pool) as reader:
             shapes = [out["logits"].shape for _, out in reader]
             st = reader.stats().source
         assert PASSWORD not in " ".join(teacher.argv)

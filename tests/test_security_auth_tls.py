@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos import codec
 from protos.edistill.v1 import teacher_pb2 as pb
 from protos.edistill.v1 import teacher_pb2_grpc as pb_grpc
-from student_client import PoolConfig
+from student_client import PoolConfig, SourceRequest
 from student_client.credentials import TeacherCredentials
 from student_client.errors import ConfigError as StudentConfigError
 from student_client.errors import NoTeacherAvailableError, TeacherRequestError
@@ -64,7 +64,7 @@ def _pool_predict(address: str, creds: TeacherCredentials | None, wait_s: float 
                        credentials=creds) if creds is not None else TeacherPool(
         [address], config=PoolConfig(timeout_s=5.0, wait_timeout_s=wait_s))
     try:
-        return pool.submit({"input": torch.ones(2, 8)}, batch_id=0).result(timeout=wait_s + 10)
+        return pool.submit(SourceRequest({"input": torch.ones(2, 8)}, 0)).result(timeout=wait_s + 10)
     finally:
         pool.close()
 
@@ -253,10 +253,11 @@ def test_distill_reader_sends_token_and_speaks_tls(model, pki):
 
     loader = [torch.ones(2, 8), torch.zeros(3, 8)]
     with BackgroundTeacher(_tls_config(pki["server"], auth_tokens=(TOKEN_A,)), model) as t:
-        with DistillReader(loader, teachers=[t.address], auth_token=TOKEN_A, tls_ca=pki["ca"].cert,
-                           timeout_s=5, wait_timeout_s=20) as reader:
+        creds = TeacherCredentials(auth_token=TOKEN_A, tls_ca=pki["ca"].cert)
+        with TeacherPool([t.address], config=PoolConfig(timeout_s=5, wait_timeout_s=20), credentials=creds) as pool, \
+                DistillReader(loader, pool) as reader:
             shapes = [teacher["logits"].shape for _, teacher in reader]
         assert shapes == [(2, 4), (3, 4)]
-    with pytest.raises(StudentConfigError, match="cannot be combined"):
-        DistillReader(loader, teachers=["127.0.0.1:1"], auth_token=TOKEN_A,
-                      credentials=TeacherCredentials(auth_token=TOKEN_B))
+    with pytest.raises(StudentConfigError, match="credentials= or channel_factory=, not both"):
+        TeacherPool(["127.0.0.1:1"], credentials=TeacherCredentials(auth_token=TOKEN_B),
+                    channel_factory=lambda e, o: None)

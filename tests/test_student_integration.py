@@ -19,6 +19,7 @@ from student_client import (
     NoTeacherAvailableError,
     OutputSpec,
     PoolConfig,
+    TeacherPool,
     TeacherRequestError,
     TopK,
 )
@@ -77,7 +78,8 @@ def check_epoch(reader, n: int) -> list[int]:
 def test_dataloader_with_workers_over_two_teachers_exactly_once_in_order(two_teachers):
     loader = DataLoader(IdDataset(203), batch_size=8, num_workers=2)
     addresses = [t.address for t in two_teachers]
-    with DistillReader(loader, teachers=addresses, window=6, timeout_s=10, wait_timeout_s=20) as reader:
+    with TeacherPool(addresses, config=PoolConfig(timeout_s=10, wait_timeout_s=20)) as pool, \
+            DistillReader(loader, pool, window=6) as reader:
         for _ in range(2):  # two epochs through the same reader
             assert check_epoch(reader, 203) == list(range(203))
         st = reader.stats().source
@@ -115,7 +117,8 @@ def test_sigkilled_teacher_mid_epoch_loses_and_duplicates_no_batch():
     try:
         loader = DataLoader(IdDataset(400), batch_size=8, num_workers=2)
         cfg = PoolConfig(timeout_s=10, wait_timeout_s=20, max_in_flight_per_teacher=3)
-        with DistillReader(loader, teachers=[p.address for p in procs], window=8, pool_config=cfg) as reader:
+        with TeacherPool([p.address for p in procs], config=cfg) as pool, \
+                DistillReader(loader, pool, window=8) as reader:
             seen: list[int] = []
             killed = None
             for n, ((x, _), out) in enumerate(reader):
@@ -147,7 +150,8 @@ def test_every_teacher_dead_raises_within_wait_timeout_never_hangs():
     wait_timeout_s = 1.5
     try:
         loader = DataLoader(IdDataset(10_000), batch_size=4)
-        with DistillReader(loader, teachers=[proc.address], timeout_s=5, wait_timeout_s=wait_timeout_s) as reader:
+        cfg = PoolConfig(timeout_s=5, wait_timeout_s=wait_timeout_s)
+        with TeacherPool([proc.address], config=cfg) as pool, DistillReader(loader, pool) as reader:
             killed_at = None
             with pytest.raises(NoTeacherAvailableError) as ei:
                 for n, _ in enumerate(reader):
@@ -178,9 +182,8 @@ def test_registry_discovery_follows_teachers_live(two_teachers):
         reg_a = register(a)
         try:
             loader = DataLoader(IdDataset(4000), batch_size=8)
-            with DistillReader(loader, registry=url, service="ids", registry_poll_s=0.2,
-                               wait_timeout_s=20) as reader:
-                pool = reader.source
+            with TeacherPool.from_registry(url, "ids", poll_s=0.2, config=PoolConfig(wait_timeout_s=20)) as pool, \
+                    DistillReader(loader, pool) as reader:
                 seen: list[int] = []
                 reg_b = None
                 for n, ((x, _), out) in enumerate(reader):

@@ -25,6 +25,7 @@ from student_client import (
     OutputSpec,
     PoolConfig,
     SourceClosedError,
+    SourceRequest,
     TeacherPool,
     TeacherRequestError,
     TeacherResponseError,
@@ -334,11 +335,11 @@ def test_latency_ewma_follows_samples():
 def test_submit_resolves_to_decoded_dense_and_topk_outputs(net):
     net.default = "ok"
     with make_pool(net, ("a:1",), outputs=[OutputSpec("logits"), ]) as pool:
-        out = pool.submit(batch([7, 8]), batch_id="0:0").result(timeout=5)
+        out = pool.submit(SourceRequest(batch([7, 8]), "0:0")).result(timeout=5)
     assert out["logits"].shape == (2, 4) and out["logits"][:, 0].tolist() == [7.0, 8.0]
     net2 = FakeNet("ok")
     with make_pool(net2, ("a:1",), outputs=[OutputSpec("logits", top_k=2)]) as pool:
-        tk = pool.submit(batch([9]), batch_id="0:0").result(timeout=5)["logits"]
+        tk = pool.submit(SourceRequest(batch([9]), "0:0")).result(timeout=5)["logits"]
     assert isinstance(tk, TopK) and tk.dense_shape == (1, 4) and tk.k == 2
     assert tk.values.tolist() == [[9.0, 2.0]] and tk.indices.tolist() == [[0, 3]]
     assert tk.dense().tolist() == [[9.0, 0.0, 0.0, 2.0]]
@@ -351,7 +352,7 @@ def test_an_answer_with_the_wrong_number_of_rows_is_a_teacher_response_error(net
     # A teacher that answers 3 rows for a batch of 2 would hand the loss
     # another batch's labels' worth of soft targets; the pool refuses it.
     with make_pool(net, ("a:1",)) as pool:
-        fut = pool.submit(batch([7, 8]), batch_id="0:0")
+        fut = pool.submit(SourceRequest(batch([7, 8]), "0:0"))
         call = wait_for(lambda: net.pending("a:1"), what="the call")[0]
         bigger = pb.PredictRequest(request_id=call.request.request_id, outputs=call.request.outputs)
         codec.encode(torch.zeros(3, 3), bigger.inputs.add(), name="")
@@ -363,7 +364,7 @@ def test_an_answer_with_the_wrong_number_of_rows_is_a_teacher_response_error(net
 
 def test_every_call_carries_the_deadline_and_channels_the_message_limits(net):
     with make_pool(net, ("a:1",), timeout_s=7.5, max_message_bytes=1 << 20) as pool:
-        pool.submit(batch([1]), batch_id="x")
+        pool.submit(SourceRequest(batch([1]), "x"))
         (call,) = wait_for(lambda: net.pending("a:1"))
         assert call.timeout == 7.5
         opts = net.channels["a:1"].options
@@ -372,7 +373,7 @@ def test_every_call_carries_the_deadline_and_channels_the_message_limits(net):
 
 def test_load_aware_spread_and_in_flight_limit(net):
     with make_pool(net, ("a:1", "b:2"), max_in_flight_per_teacher=2) as pool:
-        futs = [pool.submit(batch([i]), batch_id=i) for i in range(6)]
+        futs = [pool.submit(SourceRequest(batch([i]), i)) for i in range(6)]
         assert len(net.pending("a:1")) == 2 and len(net.pending("b:2")) == 2  # 2 queued
         net.pending("b:2")[0].succeed()
         wait_for(lambda: len(net.pending("b:2")) == 2, what="queued batch sent to the freed teacher")
@@ -388,7 +389,7 @@ def test_load_aware_spread_and_in_flight_limit(net):
 
 def test_retryable_failure_is_resent_to_another_teacher(net):
     with make_pool(net, ("a:1", "b:2")) as pool:
-        fut = pool.submit(batch([5]), batch_id="e:5")
+        fut = pool.submit(SourceRequest(batch([5]), "e:5"))
         (first,) = net.pending()
         other = "b:2" if first.endpoint == "a:1" else "a:1"
         first.fail(grpc.StatusCode.UNAVAILABLE, "connection refused")
@@ -406,7 +407,7 @@ def test_retryable_failure_is_resent_to_another_teacher(net):
                                   grpc.StatusCode.UNIMPLEMENTED])
 def test_non_retryable_answer_surfaces_with_the_teachers_message(net, code):
     with make_pool(net, ("a:1", "b:2")) as pool:
-        fut = pool.submit(batch([1]), batch_id="0:3")
+        fut = pool.submit(SourceRequest(batch([1]), "0:3"))
         (call,) = net.pending()
         call.fail(code, "input '' has dtype float64, expected float32")
         with pytest.raises(TeacherRequestError) as ei:
@@ -422,7 +423,7 @@ def test_server_errors_are_retried_a_bounded_number_of_times(net):
     net.default = grpc.StatusCode.INTERNAL
     with make_pool(net, ("a:1", "b:2"), max_server_error_attempts=3,
                    backoff=ExponentialBackoff(base_s=0.01, cap_s=0.01, jitter=0.0)) as pool:
-        fut = pool.submit(batch([1]), batch_id="0:0")
+        fut = pool.submit(SourceRequest(batch([1]), "0:0"))
         with pytest.raises(TeacherRequestError, match="3 times"):
             fut.result(timeout=5)
     assert len(net.calls) == 3
@@ -432,7 +433,7 @@ def test_server_errors_are_retried_a_bounded_number_of_times(net):
 def test_removed_teacher_requests_are_resent_and_late_answers_dropped(net):
     net.cancellable = False  # the removed teacher's answers still arrive
     with make_pool(net, ("a:1", "b:2")) as pool:
-        futs = [pool.submit(batch([i]), batch_id=i) for i in range(2)]
+        futs = [pool.submit(SourceRequest(batch([i]), i)) for i in range(2)]
         held_by_a = net.pending("a:1")
         assert len(held_by_a) == 1
         pool.set_endpoints(["b:2"])
@@ -450,8 +451,8 @@ def test_removed_teacher_requests_are_resent_and_late_answers_dropped(net):
 
 def test_added_teacher_gets_work_at_once(net):
     with make_pool(net, ("a:1",), max_in_flight_per_teacher=1) as pool:
-        pool.submit(batch([0]), batch_id=0)
-        pool.submit(batch([1]), batch_id=1)  # queued: a is full
+        pool.submit(SourceRequest(batch([0]), 0))
+        pool.submit(SourceRequest(batch([1]), 1))  # queued: a is full
         assert len(net.pending()) == 1
         pool.set_endpoints(["a:1", "c:3"])
         (call,) = wait_for(lambda: net.pending("c:3"), what="the new teacher's first request")
@@ -463,7 +464,7 @@ def test_no_teacher_available_names_endpoints_and_last_errors(net):
     net.default = grpc.StatusCode.UNAVAILABLE
     with make_pool(net, ("a:1", "b:2"), wait_timeout_s=0.5) as pool:
         t0 = time.monotonic()
-        fut = pool.submit(batch([1]), batch_id="0:0")
+        fut = pool.submit(SourceRequest(batch([1]), "0:0"))
         with pytest.raises(NoTeacherAvailableError) as ei:
             fut.result(timeout=5)
         elapsed = time.monotonic() - t0
@@ -477,14 +478,14 @@ def test_no_teacher_available_names_endpoints_and_last_errors(net):
 
 def test_no_endpoints_at_all_fails_after_wait_timeout(net):
     with make_pool(net, (), wait_timeout_s=0.3) as pool:
-        fut = pool.submit(batch([1]), batch_id="0:0")
+        fut = pool.submit(SourceRequest(batch([1]), "0:0"))
         with pytest.raises(NoTeacherAvailableError, match="no teacher endpoints"):
             fut.result(timeout=5)
 
 
 def test_hung_teacher_cannot_outlast_wait_timeout(net):
     with make_pool(net, ("a:1",), wait_timeout_s=0.3, timeout_s=30.0) as pool:
-        fut = pool.submit(batch([1]), batch_id="0:0")
+        fut = pool.submit(SourceRequest(batch([1]), "0:0"))
         with pytest.raises(NoTeacherAvailableError):
             fut.result(timeout=5)
         assert net.calls[0].cancelled()  # the hung call was withdrawn
@@ -492,7 +493,7 @@ def test_hung_teacher_cannot_outlast_wait_timeout(net):
 
 def test_breaker_probes_a_failed_teacher_after_backoff_and_recovers(net):
     with make_pool(net, ("a:1",), backoff=ExponentialBackoff(base_s=0.05, cap_s=0.05, jitter=0.0)) as pool:
-        fut = pool.submit(batch([3]), batch_id=0)
+        fut = pool.submit(SourceRequest(batch([3]), 0))
         net.pending()[0].fail()
         t_fail = time.monotonic()
         (probe,) = wait_for(lambda: net.pending("a:1"), what="probe after backoff")
@@ -504,12 +505,12 @@ def test_breaker_probes_a_failed_teacher_after_backoff_and_recovers(net):
 
 def test_cancelling_a_future_withdraws_the_batch(net):
     with make_pool(net, ("a:1",), max_in_flight_per_teacher=1) as pool:
-        f0 = pool.submit(batch([0]), batch_id=0)
-        f1 = pool.submit(batch([1]), batch_id=1)  # queued
+        f0 = pool.submit(SourceRequest(batch([0]), 0))
+        f1 = pool.submit(SourceRequest(batch([1]), 1))  # queued
         assert f1.cancel() and f0.cancel()
         assert net.calls[0].cancelled()
         assert pool.stats().cancelled == 2
-        f2 = pool.submit(batch([2]), batch_id=2)  # the slot is free again, and b1 was never sent
+        f2 = pool.submit(SourceRequest(batch([2]), 2))  # the slot is free again, and b1 was never sent
         wait_for(lambda: len(net.calls) == 2)
         assert codec.to_torch(net.calls[1].request.inputs[0])[0, 0].item() == 2.0
         net.calls[1].succeed()
@@ -518,20 +519,20 @@ def test_cancelling_a_future_withdraws_the_batch(net):
 
 def test_close_resolves_pending_work_and_refuses_more(net):
     pool = make_pool(net, ("a:1",))
-    fut = pool.submit(batch([1]), batch_id=0)
+    fut = pool.submit(SourceRequest(batch([1]), 0))
     pool.close()
     pool.close()  # idempotent
     with pytest.raises(SourceClosedError):
         fut.result(timeout=5)
     with pytest.raises(SourceClosedError):
-        pool.submit(batch([2]), batch_id=1)
+        pool.submit(SourceRequest(batch([2]), 1))
     assert net.channels["a:1"].closed
 
 
 def test_oversized_batch_is_a_clear_config_error(net):
     with make_pool(net, ("a:1",), max_message_bytes=1000) as pool:
         with pytest.raises(ConfigError, match="max_message_bytes"):
-            pool.submit({"": torch.zeros(64, 64)}, batch_id=0)
+            pool.submit(SourceRequest({"": torch.zeros(64, 64)}, 0))
 
 
 @pytest.mark.parametrize("bad", [[""], ["a b:1"], [3]])
@@ -553,7 +554,7 @@ def test_concurrent_submitters_each_get_their_own_answer(net):
     results: dict[int, float] = {}
     with make_pool(net, ("a:1", "b:2", "c:3"), max_in_flight_per_teacher=2) as pool:
         def worker(base):
-            futs = {i: pool.submit(batch([i]), batch_id=i) for i in range(base, base + 50)}
+            futs = {i: pool.submit(SourceRequest(batch([i]), i)) for i in range(base, base + 50)}
             for i, f in futs.items():
                 results[i] = f.result(timeout=5)["logits"][0, 0].item()
 
@@ -600,7 +601,7 @@ def test_unverified_teacher_gets_no_batch_until_its_health_check_answers_serving
     net.health["b:2"] = "NOT_SERVING"
     pool = make_pool(net, endpoints=["a:1", "b:2"])
     try:
-        results = [pool.submit(batch([i]), batch_id=i) for i in range(12)]
+        results = [pool.submit(SourceRequest(batch([i]), i)) for i in range(12)]
         for f in results:
             f.result(timeout=5)
         assert net.calls_to("b:2") == [] and len(net.calls_to("a:1")) == 12
@@ -610,7 +611,7 @@ def test_unverified_teacher_gets_no_batch_until_its_health_check_answers_serving
         net.health["b:2"] = "SERVING"
         wait_for(lambda: pool.stats().teachers["b:2"].state == "closed", what="b:2 re-probed and verified")
         assert len([c for c in net.health_calls if c.endpoint == "b:2"]) >= 2
-        more = [pool.submit(batch([i]), batch_id=i) for i in range(12, 40)]
+        more = [pool.submit(SourceRequest(batch([i]), i)) for i in range(12, 40)]
         for f in more:
             f.result(timeout=5)
         assert net.calls_to("b:2"), "a teacher that turned SERVING was never used"
@@ -627,7 +628,7 @@ def test_health_check_is_sent_at_once_with_probe_timeout_and_failures_back_off(n
         first = net.health_calls[0]  # sent by the constructor, not later by the dispatcher
         assert first.timeout == 0.7 and first.request.service == "edistill.v1.Teacher"
         with pytest.raises(NoTeacherAvailableError, match="health check failed"):
-            pool.submit(batch([0]), batch_id=0).result(timeout=5)
+            pool.submit(SourceRequest(batch([0]), 0)).result(timeout=5)
         assert net.calls_to("a:1") == []
         n = len(net.health_calls)
         assert 2 <= n <= 12, f"{n} health checks in ~0.5 s with a 0.05..0.4 s backoff"
@@ -641,7 +642,7 @@ def test_a_pending_health_check_blocks_neither_set_endpoints_nor_submit(net):
     pool = make_pool(net, endpoints=["a:1"])
     try:
         pool.set_endpoints(["a:1", "slow:1"])  # returns although slow:1 never answers its probe
-        assert pool.submit(batch([1]), batch_id=1).result(timeout=5)["logits"].shape == (1, 4)
+        assert pool.submit(SourceRequest(batch([1]), 1)).result(timeout=5)["logits"].shape == (1, 4)
         assert net.calls_to("slow:1") == [] and pool.stats().teachers["slow:1"].state.startswith("probing")
         probe = next(c for c in net.health_calls if c.endpoint == "slow:1")
         probe.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
@@ -654,7 +655,7 @@ def test_probe_timeout_none_uses_teachers_without_a_health_check(net):
     net.default = "ok"
     pool = make_pool(net, endpoints=["a:1"], probe_timeout_s=None)
     try:
-        assert pool.submit(batch([1]), batch_id=1).result(timeout=5)
+        assert pool.submit(SourceRequest(batch([1]), 1)).result(timeout=5)
         assert net.health_calls == []
     finally:
         pool.close()
@@ -669,7 +670,7 @@ def test_probe_timeout_none_uses_teachers_without_a_health_check(net):
 def test_a_teacher_that_never_answers_is_hedged_and_the_batch_delivered_once(net, cancellable):
     net.cancellable = cancellable  # False: the frozen teacher's answer still arrives, late
     with make_pool(net, ("a:1", "b:2"), hedge_after_s=0.2) as pool:
-        fut = pool.submit(batch([7]), batch_id="0:7")
+        fut = pool.submit(SourceRequest(batch([7]), "0:7"))
         (stuck,) = net.pending()
         other = "b:2" if stuck.endpoint == "a:1" else "a:1"
         (hedge,) = wait_for(lambda: net.pending(other), what="the hedge to the other teacher")
@@ -690,7 +691,7 @@ def test_a_teacher_that_never_answers_is_hedged_and_the_batch_delivered_once(net
 
 def test_hedge_answer_losing_the_race_is_dropped(net):
     with make_pool(net, ("a:1", "b:2"), hedge_after_s=0.1) as pool:
-        fut = pool.submit(batch([3]), batch_id="0:3")
+        fut = pool.submit(SourceRequest(batch([3]), "0:3"))
         (slow,) = net.pending()
         other = "b:2" if slow.endpoint == "a:1" else "a:1"
         (hedge,) = wait_for(lambda: net.pending(other), what="the hedge")
@@ -704,7 +705,7 @@ def test_hedge_answer_losing_the_race_is_dropped(net):
 
 def test_auto_hedge_waits_for_latency_samples_then_hedges_a_stuck_teacher(net):
     with make_pool(net, ("a:1", "b:2"), hedge_min_s=0.2) as pool:  # hedge_after_s="auto"
-        fut = pool.submit(batch([1]), batch_id=1)
+        fut = pool.submit(SourceRequest(batch([1]), 1))
         (held,) = net.pending()
         time.sleep(0.5)  # no latency reference yet: no hedge, timeout_s applies
         assert len(net.calls) == 1 and pool.stats().hedges == 0
@@ -712,10 +713,10 @@ def test_auto_hedge_waits_for_latency_samples_then_hedges_a_stuck_teacher(net):
         fut.result(timeout=5)
         net.default = "ok"  # quick answers from every teacher give a p99 (threshold: hedge_min_s)
         for i in range(40):
-            pool.submit(batch([i]), batch_id=f"w{i}").result(timeout=5)
+            pool.submit(SourceRequest(batch([i]), f"w{i}")).result(timeout=5)
         # (a teacher with fewer than 8 answers borrows the others' threshold)
         net.default = "hold"
-        fut = pool.submit(batch([9]), batch_id=9)
+        fut = pool.submit(SourceRequest(batch([9]), 9))
         (stuck,) = net.pending()
         other = "b:2" if stuck.endpoint == "a:1" else "a:1"
         t0 = time.monotonic()
@@ -728,7 +729,7 @@ def test_auto_hedge_waits_for_latency_samples_then_hedges_a_stuck_teacher(net):
 
 def test_hedging_can_be_turned_off(net):
     with make_pool(net, ("a:1", "b:2"), hedge_after_s=None) as pool:
-        pool.submit(batch([1]), batch_id=1)
+        pool.submit(SourceRequest(batch([1]), 1))
         time.sleep(0.4)
         assert len(net.calls) == 1 and pool.stats().hedges == 0
 

@@ -17,7 +17,7 @@ import torch
 from grpc_health.v1 import health_pb2
 
 from registry import EmbeddedRedis, TeacherRecord, TeacherRegistration
-from student_client import DistillReader, PoolConfig
+from student_client import DistillReader, PoolConfig, SourceRequest
 from student_client.credentials import TeacherCredentials
 from student_client.pool import TeacherPool
 from teacher_server import zoo
@@ -78,9 +78,8 @@ def test_unreachable_registry_entries_cost_one_probe_and_never_get_a_batch(model
         for endpoint, tid in ((teacher.address, "real"), (closed, "closed"), (silent, "silent")):
             stack.callback(_register(redis_server.url, endpoint, tid).close)
         cfg = PoolConfig(timeout_s=30, wait_timeout_s=30, probe_timeout_s=1.0)
-        reader = stack.enter_context(DistillReader(loader, registry=redis_server.url, service=SERVICE,
-                                                   pool_config=cfg, window=4))
-        pool = reader.source
+        pool = stack.enter_context(TeacherPool.from_registry(redis_server.url, SERVICE, config=cfg))
+        reader = stack.enter_context(DistillReader(loader, pool, window=4))
         wait_until(lambda: set(pool.endpoints) == {teacher.address, closed, silent}, timeout_s=10,
                    what="the reader to discover all three registry entries")
         shapes = [out["logits"].shape for _, out in reader]
@@ -120,7 +119,7 @@ def test_teachers_with_a_certificate_that_does_not_match_are_never_used(model, p
                            config=PoolConfig(timeout_s=10, wait_timeout_s=20, probe_timeout_s=2.0),
                            credentials=TeacherCredentials(tls_ca=pki["ca"].cert))
         try:
-            futs = [pool.submit({"input": torch.ones(2, 8)}, batch_id=i) for i in range(12)]
+            futs = [pool.submit(SourceRequest({"input": torch.ones(2, 8)}, i)) for i in range(12)]
             assert all(f.result(timeout=20)["logits"].shape == (2, 4) for f in futs)
             teachers = wait_until(
                 lambda: (t := pool.stats().teachers)[wrong_name.address].last_error and t[rogue.address].last_error
@@ -138,7 +137,7 @@ def test_a_not_serving_teacher_is_used_only_once_it_turns_serving(model):
         t.call(t.server.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING), timeout_s=5)
         pool = TeacherPool([t.address], config=PoolConfig(timeout_s=10, wait_timeout_s=30, probe_timeout_s=1.0))
         try:
-            fut = pool.submit({"input": torch.ones(3, 8)}, batch_id=0)
+            fut = pool.submit(SourceRequest({"input": torch.ones(3, 8)}, 0))
             wait_until(lambda: "NOT_SERVING" in (pool.stats().teachers[t.address].last_error or ""),
                        timeout_s=10, what="the health check to report NOT_SERVING")
             assert not fut.done() and pool.stats().teachers[t.address].requests == 0

@@ -7,6 +7,7 @@ out-of-order completion.
 
 from __future__ import annotations
 
+import inspect
 import random
 import threading
 from concurrent.futures import Future
@@ -22,6 +23,7 @@ from student_client import (
     InProcessTeacher,
     KnowledgeSource,
     OutputSpec,
+    SourceRequest,
     StudentError,
     TeacherRequestError,
     TopK,
@@ -47,7 +49,8 @@ class ShuffledSource(KnowledgeSource):
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def submit(self, inputs, *, batch_id):
+    def submit(self, request):
+        inputs, batch_id = request.inputs, request.batch_id
         fut: Future = Future()
         with self.lock:
             self.submitted.append(batch_id)
@@ -137,7 +140,8 @@ class HoldSource(KnowledgeSource):
     def __init__(self, answer: int) -> None:
         self.answer, self.futures = answer, []
 
-    def submit(self, inputs, *, batch_id):
+    def submit(self, request):
+        inputs = request.inputs
         fut: Future = Future()
         if len(self.futures) < self.answer:
             fut.set_result({"logits": next(iter(inputs.values()))})
@@ -209,7 +213,7 @@ def test_in_process_teacher_applies_output_specs_like_a_server():
     model = torch.nn.Linear(5, 7)
     x = torch.randn(3, 5)
     specs = [OutputSpec("logits", "log_probs", temperature=2.0, top_k=3, dtype="float16")]
-    out = InProcessTeacher(model, specs).submit({"": x}, batch_id=0).result()["logits"]
+    out = InProcessTeacher(model, specs).submit(SourceRequest({"": x}, 0)).result()["logits"]
     assert isinstance(out, TopK) and out.dense_shape == (3, 7) and out.values.dtype == torch.float16
     ref = torch.log_softmax(model(x).detach() / 2.0, dim=-1)
     v, i = ref.topk(3, dim=-1)
@@ -219,7 +223,7 @@ def test_in_process_teacher_applies_output_specs_like_a_server():
 
 
 def test_in_process_teacher_unknown_output_fails_the_future():
-    fut = InProcessTeacher(torch.nn.Identity(), ["probs_out"]).submit({"": torch.zeros(2, 2)}, batch_id=0)
+    fut = InProcessTeacher(torch.nn.Identity(), ["probs_out"]).submit(SourceRequest({"": torch.zeros(2, 2)}, 0))
     with pytest.raises(StudentError, match="no output 'probs_out'"):
         fut.result()
 
@@ -266,13 +270,39 @@ def test_custom_teacher_input_must_return_tensors():
     (dict(teachers="a:1"), "non-empty"),
     (dict(teachers=["a:1"], service="svc"), "service= only"),
     (dict(source=InProcessTeacher(torch.nn.Identity()), outputs=["x"]), "outputs="),
-    (dict(source=InProcessTeacher(torch.nn.Identity()), timeout_s=3), "configure the source"),
     (dict(teachers=["a:1"], device="nodevice"), "invalid device"),
     (dict(registry="redis://127.0.0.1:1/0"), "service="),
 ])
 def test_reader_config_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         DistillReader([], **kwargs)
+
+
+def test_the_reader_signature_is_small_and_source_first():
+    params = list(inspect.signature(DistillReader).parameters)
+    assert params == ["loader", "source", "teachers", "registry", "service", "outputs", "window", "teacher_input",
+                      "sample_keys", "device", "progress", "log_every"]
+
+
+@pytest.mark.parametrize("name, value, where", [
+    ("timeout_s", 3, "PoolConfig(timeout_s=...)"),
+    ("wait_timeout_s", 3, "PoolConfig(wait_timeout_s=...)"),
+    ("pool_config", None, "config=PoolConfig(...)"),
+    ("registry_poll_s", 0.5, "TeacherPool.from_registry(url, service, outputs, poll_s=...)"),
+    ("channel_factory", None, "TeacherPool(teachers, outputs, channel_factory=...)"),
+    ("stub_factory", None, "TeacherPool(teachers, outputs, stub_factory=...)"),
+    ("credentials", None, "credentials=TeacherCredentials(...)"),
+    ("auth_token", "t", "TeacherCredentials(auth_token=...)"),
+    ("auth_token_file", "f", "TeacherCredentials(auth_token_file=...)"),
+    ("tls_ca", "ca.pem", "TeacherCredentials(tls_ca=...)"),
+    ("tls_cert", "c.pem", "TeacherCredentials(tls_cert=...)"),
+    ("tls_key", "k.pem", "TeacherCredentials(tls_key=...)"),
+    ("tls_server_name", "teacher", "TeacherCredentials(tls_server_name=...)"),
+])
+def test_a_moved_keyword_argument_names_its_new_place(name, value, where):
+    with pytest.raises(ConfigError) as info:
+        DistillReader([], teachers=["127.0.0.1:1"], **{name: value})
+    assert f"no longer takes {name}=" in str(info.value) and where in str(info.value)
 
 
 def test_closed_reader_refuses_new_epochs(source):
