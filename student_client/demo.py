@@ -33,6 +33,13 @@ hard labels at convergence, and is *slower* to get there at high temperature
 teacher-as-a-service setting pays off where it does in practice: the teacher
 labels inputs that nobody labelled, so the student learns from many more
 examples than it has labels for.
+
+Modules: this one holds the configuration, the student runs and the command;
+:mod:`student_client._demo_data` the digits and the teacher model,
+:mod:`student_client._demo_fleet` the teacher processes (started with
+:mod:`teacher_server.process`: the demo is a student that also runs
+teachers) and the registry checks, :mod:`student_client._demo_report` the
+table and the plot.
 """
 
 from __future__ import annotations
@@ -41,22 +48,23 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from typing import Any
 
-from student_client.errors import ConfigError, StudentError
+from student_client._demo_data import Digits, NoisyDataset, accuracy, train_teacher
+from student_client._demo_fleet import SERVICE, LiveSampler, TeacherFleet, check_registry
+from student_client._demo_report import format_report, mean_std, plot_runs
+from student_client.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DemoConfig", "add_commands", "run_demo"]
+__all__ = ["DemoConfig", "add_commands", "format_report", "run_demo"]
 
-SERVICE = "edistill-demo"
+_TeacherFleet = TeacherFleet  # the name tests/test_demo.py imports
 
 
 @dataclasses.dataclass
@@ -97,192 +105,6 @@ class DemoConfig:
         return cls(**values)
 
 
-# ----------------------------------------------------------------- data
-
-
-class _Digits:
-    """scikit-learn digits as float32 tensors, split 70/30 stratified."""
-
-    def __init__(self) -> None:
-        import numpy as np
-        import torch
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
-        x, y = load_digits(return_X_y=True)
-        x = (x / 16.0).astype(np.float32)  # pixel values 0..16 -> 0..1
-        xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
-        self.x_train = torch.from_numpy(xtr)  # (N, 64)
-        self.y_train = torch.from_numpy(ytr).long()
-        self.x_test = torch.from_numpy(xte)
-        self.y_test = torch.from_numpy(yte).long()
-
-
-class _NoisyDataset:
-    """Indexable (x + noise, label or -1, sample id); noise fixed per (seed, epoch)."""
-
-    def __init__(self, x, y, ids, labelled_mask, noise_std: float, seed: int) -> None:
-        self.x, self.y, self.ids, self.mask = x, y, ids, labelled_mask
-        self.noise_std, self.seed, self.epoch = noise_std, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int):
-        import torch
-
-        sid = int(self.ids[i])
-        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, sid)) & 0x7FFFFFFF)
-        x = self.x[sid] + self.noise_std * torch.randn(self.x.shape[1], generator=g)
-        label = int(self.y[sid]) if bool(self.mask[sid]) else -1  # -1: no label (ignored by CE)
-        return x, label, sid
-
-
-# ----------------------------------------------------------------- models
-
-
-def _train_teacher(data: _Digits, cfg: DemoConfig):
-    import torch
-    import torch.nn.functional as F
-
-    from teacher_server.zoo import mlp
-
-    torch.manual_seed(0)
-    model = mlp(hidden=cfg.teacher_hidden)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    n = len(data.x_train)
-    for _ in range(cfg.teacher_epochs):
-        model.train()
-        perm = torch.randperm(n)
-        for i in range(0, n, 64):
-            idx = perm[i : i + 64]
-            x = data.x_train[idx] + cfg.noise_std * torch.randn(len(idx), 64)
-            loss = F.cross_entropy(model(x), data.y_train[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    return model
-
-
-def _accuracy(model, data: _Digits) -> float:
-    import torch
-
-    model.eval()
-    with torch.inference_mode():
-        acc = (model(data.x_test).argmax(1) == data.y_test).float().mean().item()
-    model.train()
-    return acc
-
-
-# ----------------------------------------------------------------- teachers
-
-
-@dataclasses.dataclass
-class _Teacher:
-    proc: subprocess.Popen
-    log_file: pathlib.Path
-    address: str | None = None  # set once it printed its ready line
-
-
-class _TeacherFleet:
-    """Teacher server processes started with ``python -m teacher_server serve``.
-
-    Every process is in :attr:`procs` from the moment it is launched, so
-    :meth:`stop_all` ends it even when it (or a sibling) never became ready.
-    """
-
-    def __init__(self, checkpoint: pathlib.Path, hidden: int, registry: str, log_dir: pathlib.Path) -> None:
-        self.checkpoint, self.hidden, self.registry, self.log_dir = checkpoint, hidden, registry, log_dir
-        self.procs: list[_Teacher] = []
-        self._lock = threading.Lock()  # procs grows from the replacement thread too
-        self._count = 0
-
-    def _launch(self) -> _Teacher:
-        cmd = [
-            sys.executable, "-m", "teacher_server", "serve",
-            "--model", "teacher_server.zoo:mlp",
-            "--model-kwargs", json.dumps({"hidden": self.hidden}),
-            "--checkpoint", str(self.checkpoint),
-            "--name", "digits-mlp", "--version", "1",
-            "--host", "127.0.0.1", "--port", "0",
-            "--service", SERVICE,
-            "--max-queue-delay-ms", "1",
-        ]
-        # The URL may carry a password: pass it in the environment (the teacher
-        # CLI reads EDISTILL_REGISTRY), never on the command line, where `ps` shows it.
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", EDISTILL_REGISTRY=self.registry)
-        with self._lock:
-            self._count += 1
-            log_file = self.log_dir / f"teacher-{self._count}.log"
-            with open(log_file, "wb") as stderr:
-                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, env=env, text=True)
-            teacher = _Teacher(proc, log_file)
-            self.procs.append(teacher)  # at once: stop_all() must reach it whatever happens next
-        return teacher
-
-    def start(self) -> _Teacher:
-        """Start one teacher and wait until it prints its ready line."""
-        return self.start_many(1)[0]
-
-    def start_many(self, n: int) -> list[_Teacher]:
-        """Start ``n`` teachers at once (they boot in parallel) and wait for all.
-
-        Raises:
-            StudentError: a teacher exited or did not get ready in time; the
-                caller's :meth:`stop_all` ends the others.
-        """
-        launched = [self._launch() for _ in range(n)]
-        for teacher in launched:
-            teacher.address = self._wait_ready(teacher.proc, teacher.log_file)
-        return launched
-
-    def _wait_ready(self, proc: subprocess.Popen, log_file: pathlib.Path, timeout_s: float = 60.0) -> str:
-        result: list[str] = []
-
-        def read() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if line.startswith("edistill teacher ready address="):
-                    result.append(line.strip().split("=", 1)[1])
-                    return
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(timeout_s)
-        if result:
-            return result[0]
-        code = None
-        if not reader.is_alive():  # stdout closed: the process is exiting
-            try:
-                code = proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        if code is None:
-            proc.kill()
-            proc.wait()
-            raise StudentError(f"demo teacher process did not become ready in {timeout_s:.0f} s "
-                               f"(killed); its log: {log_file}")
-        # The teacher CLI ends with its error as one line; the rest of the log is in the file.
-        lines = log_file.read_text(errors="replace").strip().splitlines() if log_file.exists() else []
-        last = lines[-1].strip() if lines else "(no output)"
-        raise StudentError(f"demo teacher process exited with code {code} before it was ready: {last} "
-                           f"(full log: {log_file})")
-
-    def stop_all(self) -> None:
-        with self._lock:
-            procs = [teacher.proc for teacher in self.procs]
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 # ----------------------------------------------------------------- training
 
 
@@ -296,7 +118,7 @@ class _RunResult:
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def _train_student(data: _Digits, cfg: DemoConfig, seed: int, *, mode: str, registry: str | None,
+def _train_student(data: Digits, cfg: DemoConfig, seed: int, *, mode: str, registry: str | None,
                    fault=None, bar=None) -> _RunResult:
     """One student run. mode: "hard", "distilled", or "distilled-labelled"."""
     import torch
@@ -316,7 +138,7 @@ def _train_student(data: _Digits, cfg: DemoConfig, seed: int, *, mode: str, regi
     labelled = torch.zeros(n, dtype=torch.bool)
     labelled[order[: cfg.labelled]] = True
     ids = torch.arange(n) if mode == "distilled" else order[: cfg.labelled]
-    dataset = _NoisyDataset(data.x_train, data.y_train, ids, labelled, cfg.noise_std, seed)
+    dataset = NoisyDataset(data.x_train, data.y_train, ids, labelled, cfg.noise_std, seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     result = _RunResult(accuracy=0.0, curve=[])
@@ -350,7 +172,7 @@ def _train_student(data: _Digits, cfg: DemoConfig, seed: int, *, mode: str, regi
                 if bar is not None:
                     bar.update(1)
                 if step % cfg.eval_every_steps == 0 or step == cfg.steps:
-                    result.curve.append((step, _accuracy(student, data)))
+                    result.curve.append((step, accuracy(student, data)))
                 if fault_at is not None and step == fault_at:
                     fault()
                     fault_at = None
@@ -370,99 +192,8 @@ def _train_student(data: _Digits, cfg: DemoConfig, seed: int, *, mode: str, regi
         if reader is not None:
             reader.close()
             reader.source.close()  # the pool, made above
-    result.accuracy = _accuracy(student, data)
+    result.accuracy = accuracy(student, data)
     return result
-
-
-# ----------------------------------------------------------------- report
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    import statistics
-
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return mean, std
-
-
-def _plot(path: pathlib.Path, runs: dict[str, list[_RunResult]], live: list[tuple[float, int]],
-          marks: list[tuple[float, str]]) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, (ax, strip) = plt.subplots(2, 1, figsize=(7.5, 6), height_ratios=[3, 1.2])
-    colours = {"hard labels": "tab:gray", "distilled": "tab:blue", "distilled, labelled inputs only": "tab:orange"}
-    for label, results in runs.items():
-        for i, r in enumerate(results):
-            steps, accs = zip(*r.curve)
-            ax.plot(steps, accs, color=colours.get(label), alpha=0.8, label=label if i == 0 else None)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("edistill demo: students on sklearn digits (one line per seed)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    if live:
-        t, n = zip(*live)
-        strip.step(t, n, where="post", color="tab:green")
-        strip.set_ylim(0, max(n) + 1)
-        for when, what in marks:
-            strip.axvline(when, color="tab:red" if "SIGKILL" in what else "tab:purple", ls="--", lw=1)
-            strip.annotate(what, (when, 0.3), rotation=90, fontsize=7, ha="right", va="bottom")
-    strip.set_xlabel("seconds since the teachers started")
-    strip.set_ylabel("live teachers\n(in the registry)")
-    strip.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
-
-
-class _LiveSampler:
-    """Samples the registry's live-teacher count every ``period_s`` in a thread."""
-
-    def __init__(self, watcher, t0: float, period_s: float = 0.1) -> None:
-        self.samples: list[tuple[float, int]] = []
-        self.endpoints: set[str] = set()  # every teacher seen live in the registry
-        self._watcher, self._t0, self._period_s = watcher, t0, period_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="edistill-demo-live", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._period_s):
-            live = self._watcher.snapshot()
-            self.endpoints.update(live)
-            self.samples.append((time.monotonic() - self._t0, len(live)))
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def _check_registry(url: str) -> None:
-    """PING the registry the demo was given.
-
-    Raises:
-        registry.RegistryError: unreachable, bad URL or credentials (URL redacted).
-    """
-    from redis import exceptions as redis_exc
-
-    from registry import connect
-    from registry.connection import map_redis_error
-
-    client = connect(url)
-    try:
-        client.ping()
-    except (redis_exc.RedisError, OSError) as exc:
-        raise map_redis_error(exc, url, "answering the demo's PING") from exc
-    finally:
-        client.close()
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -486,19 +217,19 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             registry_url = redis.url
         else:
             registry_url = cfg.registry
-            _check_registry(registry_url)  # one clear line now, not a teacher timing out later
-        data = _Digits()
-        teacher = _train_teacher(data, cfg)
-        teacher_acc = _accuracy(teacher, data)
+            check_registry(registry_url)  # one clear line now, not a teacher timing out later
+        data = Digits()
+        teacher = train_teacher(data, cfg)
+        teacher_acc = accuracy(teacher, data)
         checkpoint = out / "teacher.pt"
         torch.save(teacher.state_dict(), checkpoint)
 
-        fleet = _TeacherFleet(checkpoint, cfg.teacher_hidden, registry_url, out)
+        fleet = TeacherFleet(checkpoint, cfg.teacher_hidden, registry_url, out)
         t_fleet = time.monotonic()
         fleet.start_many(cfg.teachers)
         watcher = TeacherWatcher(registry_url, SERVICE, on_change=lambda snapshot: None, poll_s=0.2)
         watcher.start()
-        sampler = _LiveSampler(watcher, t_fleet)
+        sampler = LiveSampler(watcher, t_fleet)
         sampler.start()
         seen_endpoints: set[str] = set(watcher.snapshot())
 
@@ -514,8 +245,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         def fault() -> None:
             first = fleet.procs[0]
             address = first.address
-            first.proc.kill()  # SIGKILL: no deregistration, the TTL has to notice
-            first.proc.wait()
+            first.kill()  # SIGKILL: no deregistration, the TTL has to notice
+            first.wait()
             events.append(f"SIGKILLed teacher {address}")
             marks.append((time.monotonic() - t_fleet, "SIGKILL"))
             # The replacement boots in the background, as a real one would:
@@ -565,9 +296,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             "out_dir": str(out),
         }
         for label, results in runs.items():
-            mean, std = _mean_std([r.accuracy for r in results])
+            mean, std = mean_std([r.accuracy for r in results])
             report["rows"][label] = {"mean": mean, "std": std, "runs": [r.accuracy for r in results]}
-        report["plot"] = _plot(out / "demo.png", runs, sampler.samples, marks)
+        report["plot"] = plot_runs(out / "demo.png", runs, sampler.samples, marks)
         report["seconds"] = round(time.monotonic() - t_start, 1)
         (out / "report.json").write_text(json.dumps(report, indent=2))
         return report
@@ -578,36 +309,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             fleet.stop_all()
         if redis is not None:
             redis.stop()
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """The table ``edistill demo`` prints."""
-    lines = [
-        "",
-        f"edistill demo — {report['dataset']}; {report['labelled_samples']} labelled samples, "
-        f"{report['steps_per_run']} steps per student, {report['seeds']} seeds, "
-        f"T={report['temperature']:g}, CE weight={report['ce_weight']:g}",
-        "",
-        f"  {'model':<52} {'test accuracy':>16}",
-        f"  {'-' * 52} {'-' * 16}",
-        f"  {'teacher (MLP 256x2, all labels)':<52} {report['teacher_accuracy'] * 100:>15.1f}%",
-    ]
-    for label, row in report["rows"].items():
-        name = f"student (MLP 32), {label}"
-        lines.append(f"  {name:<52} {row['mean'] * 100:>8.1f} ± {row['std'] * 100:4.1f}%")
-    lines += [
-        "",
-        f"  teachers seen: {report['teachers_seen']}   failovers: {report['failovers']}   "
-        f"batches lost: {report['batches_lost']}   duplicated: {report['batches_duplicated']}",
-    ]
-    for event in report["events"]:
-        lines.append(f"  event: {event}")
-    plot = report.get("plot")
-    lines.append(f"  plot: {plot}" if plot else
-                 f"  plot: not written (install matplotlib: pip install 'edistill[plot]'); "
-                 f"it would be {report['out_dir']}/demo.png")
-    lines.append(f"  report: {report['out_dir']}/report.json   ({report['seconds']} s)")
-    return "\n".join(lines)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

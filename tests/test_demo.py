@@ -134,7 +134,7 @@ def test_fleet_reports_an_early_exit_and_stops_every_teacher_it_launched(tmp_pat
 
         def launch_then_fix_checkpoint():
             teacher = launch()  # the first teacher gets a missing checkpoint and exits with code 2
-            launched.append(teacher.proc)
+            launched.append(teacher)
             fleet.checkpoint = good  # the second one is healthy
             return teacher
 
@@ -144,11 +144,12 @@ def test_fleet_reports_an_early_exit_and_stops_every_teacher_it_launched(tmp_pat
                 fleet.start_many(2)
             message = str(info.value)
             assert "exited with code 2 before it was ready" in message and "missing.pt" in message
-            assert "\n" not in message and "did not become ready" not in message
-            assert [t.proc for t in fleet.procs] == launched and len(launched) == 2
+            assert f"full log: {tmp_path / 'teacher-1.log'}" in message
+            assert "\n" not in message and "did not print its ready line" not in message
+            assert fleet.procs == launched and len(launched) == 2
             for p in launched:  # the registry URL (with its password) is not on a command line
-                assert not any("Pa55-w0rd" in arg or "--registry" in arg for arg in p.args)
+                assert not any("Pa55-w0rd" in arg or "--registry" in arg for arg in p.argv)
         finally:
             fleet.stop_all()
-        assert all(p.poll() is not None for p in launched)
+        assert all(p.returncode is not None for p in launched)
         wait_until(lambda: not any(pid_alive(p.pid) for p in launched), what="every teacher to exit")
