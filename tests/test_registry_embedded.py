@@ -12,6 +12,7 @@ from urllib.parse import quote
 from registry import (
     EmbeddedRedis,
     EmbeddedRedisError,
+    RegistryConfigError,
     RegistryUnavailableError,
     TeacherRecord,
     TeacherRegistration,
@@ -124,3 +125,35 @@ def test_no_orphan_redis_after_its_parent_is_sigkilled():
     assert pid_alive(redis_pid)
     parent.kill()
     wait_until(lambda: not pid_alive(redis_pid), timeout_s=5.0, what="redis-server to die with its parent")
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"port": 70000}, "port must be in 0-65535 (0 picks a free port), got 70000"),
+    ({"port": -1}, "got -1"),
+    ({"startup_timeout_s": 0}, "startup_timeout_s must be > 0 seconds (default 10), got 0"),
+    ({"password": ""}, "got an empty one; choose another password"),
+    ({"password": 'se"cret'}, "got one with a double quote"),
+    ({"password": "se\ncret"}, "got one with a newline"),
+], ids=["port-high", "port-negative", "timeout", "empty-password", "quote", "newline"])
+def test_bad_options_are_registry_config_errors_naming_the_value(kwargs, needle):
+    with pytest.raises(RegistryConfigError) as info:
+        EmbeddedRedis(**kwargs)
+    assert isinstance(info.value, ValueError)  # what it raised before, for callers catching that
+    message = str(info.value)
+    assert message.startswith("EmbeddedRedis: ") and needle in message and "\n" not in message
+    assert "cret" not in message  # the password itself is never shown
+
+
+def test_the_cli_prints_a_bad_embedded_redis_option_in_one_line(monkeypatch, capsys):
+    # The umbrella CLI catches RegistryError: a command that builds an
+    # EmbeddedRedis from a bad value ends with one line and exit code 2.
+    from student_client import cli, demo
+
+    def run_demo(cfg):
+        EmbeddedRedis(port=70000)
+
+    monkeypatch.setattr(demo, "run_demo", run_demo)
+    # (not --log-level INFO: the demo command would quiet the library's loggers for later tests)
+    assert cli.main(["--log-level", "WARNING", "demo", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "edistill demo: error: EmbeddedRedis: port must be in 0-65535 (0 picks a free port), got 70000"
