@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 
 from protos.edistill.v1 import teacher_pb2 as pb
 
 from ._poolstate import Attempt, Request, Teacher, Work
 from .breaker import CLOSED
 from .errors import StudentError, TeacherRequestError, TeacherResponseError
-from .futures import wake_reader
+from .futures import settle, wake_reader
 from .outputs import decode_response
 from .status import classify, code_and_details
 
@@ -141,13 +141,7 @@ class OutcomeMixin:
         self._set(r.future, result, None)
 
     def _set(self, fut: Future, result, exc) -> None:
-        try:
-            if exc is not None:
-                fut.set_exception(exc)
-            else:
-                fut.set_result(result)
-        except InvalidStateError:
-            pass
+        settle(fut, result, exc)
         wake_reader(self._localsetup.hub)
 
     def _drop_siblings_locked(self, r: Request, winner: Attempt, now: float, work: Work) -> None:

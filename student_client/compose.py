@@ -20,11 +20,12 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from functools import partial
 from typing import Any, Sequence
 
 from .errors import AnswerMissingError, ConfigError, NoTeacherAvailableError, StudentError
+from .futures import settle
 from .outputs import TopK, TeacherValue
 from .sources import KnowledgeSource, SourceRequest, check_request
 from .stats import SourceStats
@@ -55,14 +56,7 @@ class _Chained(Future):
 
     def settle(self, result: Any = None, exc: BaseException | None = None) -> bool:
         """Resolve once; False if it was cancelled or resolved already."""
-        try:
-            if exc is not None:
-                self.set_exception(exc)
-            else:
-                self.set_result(result)
-        except InvalidStateError:
-            return False
-        return True
+        return settle(self, result, exc)
 
 
 class _Composite(KnowledgeSource):

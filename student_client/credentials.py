@@ -4,7 +4,8 @@
 
     creds = TeacherCredentials(auth_token_file="/run/secrets/edistill-token",
                                tls_ca="ca.pem", tls_cert="student.pem", tls_key="student.key")
-    DistillReader(loader, teachers=[...], credentials=creds)
+    pool = TeacherPool(teachers, outputs, credentials=creds)
+    DistillReader(loader, pool)
 
 or, the same from the environment (what containers do; no secret on a command line)::
 

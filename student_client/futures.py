@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .pool import TeacherPool
 
-__all__ = ["PoolFuture", "wait_local", "wake_reader"]
+__all__ = ["PoolFuture", "settle", "wait_local", "wake_reader"]
 
 _DONE_STATES = frozenset({"CANCELLED", "CANCELLED_AND_NOTIFIED", "FINISHED"})  # concurrent.futures' states
 
@@ -96,3 +96,15 @@ def wake_reader(hub) -> None:
     """After settling a future outside the hub's pump: wake a thread blocked in its poll()."""
     if hub is not None and hub.selecting:
         hub.wake()
+
+
+def settle(fut: Future, result=None, exc: BaseException | None = None) -> bool:
+    """Resolve ``fut`` with ``exc`` or ``result``; False if it was already done (e.g. cancelled)."""
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+    except InvalidStateError:
+        return False
+    return True

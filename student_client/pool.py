@@ -52,7 +52,7 @@ import logging
 import threading
 import time
 import uuid
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from functools import partial
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -68,7 +68,7 @@ from .balancer import pick
 from .breaker import CLOSED, OPEN
 from .config import PoolConfig
 from .errors import ConfigError, SourceClosedError
-from .futures import PoolFuture, wake_reader
+from .futures import PoolFuture, settle, wake_reader
 from .hedging import HedgePolicy
 from .inputs import batch_rows
 from .outputs import OutputSpec, TeacherValue, normalize_outputs, output_requests
@@ -388,13 +388,7 @@ class TeacherPool(MembershipMixin, OutcomeMixin, KnowledgeSource):
             self._start(a)
         if work.settle:
             for r, result, exc in work.settle:
-                try:
-                    if exc is not None:
-                        r.future.set_exception(exc)
-                    else:
-                        r.future.set_result(result)
-                except InvalidStateError:  # the caller cancelled it meanwhile
-                    pass
+                settle(r.future, result, exc)  # False: the caller cancelled it meanwhile
             wake_reader(self._localsetup.hub)
 
     def _start(self, a: Attempt) -> None:

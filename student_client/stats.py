@@ -171,9 +171,11 @@ class ReaderStats:
 
     def summary(self) -> str:
         """One human-readable line: throughput, live teachers, waiting share, retries."""
-        return (f"{self.batches} batches, {self.samples_per_s:.0f} samples/s, "
-                f"{self.live_teachers} live teacher(s), waiting on teachers {self.wait_fraction:.0%} "
-                f"of the time, {self.retries} retries, {self.failovers} failovers")
+        remote = bool(self.source.teachers) or self.source.kind == "pool"
+        where = f"{self.live_teachers} live teacher(s)" if remote else f"source {self.source.kind or 'custom'}"
+        return (f"{self.batches} batches, {self.samples_per_s:.0f} samples/s, {where}, "
+                f"waiting on teachers {self.wait_fraction:.0%} of the time, {self.retries} retries, "
+                f"{self.failovers} failovers")
 
     def __str__(self) -> str:
         """The one-line :meth:`summary` (``repr`` stays complete)."""
