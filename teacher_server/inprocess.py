@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+from typing import Any, Callable
 
 from teacher_server.config import TeacherConfig
 from teacher_server.model import LoadedModel
@@ -23,10 +24,13 @@ __all__ = ["BackgroundTeacher"]
 class BackgroundTeacher:
     """A :class:`TeacherServer` on its own loop thread: ``start()``/``close()`` or ``with``."""
 
-    def __init__(self, config: TeacherConfig, model: LoadedModel, *, start_timeout_s: float = 30.0) -> None:
+    def __init__(self, config: TeacherConfig, model: LoadedModel, *, start_timeout_s: float = 30.0,
+                 configure: Callable[[TeacherServer], None] | None = None) -> None:
         self.config = config
         self.model = model
         self.start_timeout_s = start_timeout_s
+        # Runs before the server starts, e.g. lambda s: RegistryHook(s, url, service), as serve(configure=).
+        self.configure = configure
         self.server: TeacherServer | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="edistill-teacher-loop", daemon=True)
@@ -43,6 +47,8 @@ class BackgroundTeacher:
 
         async def _start() -> TeacherServer:
             server = TeacherServer(self.config, self.model)
+            if self.configure is not None:
+                self.configure(server)
             await server.start()
             return server
 
@@ -56,6 +62,24 @@ class BackgroundTeacher:
     def call(self, coro, timeout_s: float | None = None):
         """Run ``coro`` on the server's loop from another thread and return its result."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+
+    def swap_model(self, model: Any, version: str, *, timeout_s: float = 30.0) -> LoadedModel:
+        """Serve ``model`` (a fresh module or a LoadedModel) as ``version`` from the next forward pass on.
+
+        The warm-up runs in this thread; the reference swap runs on the
+        server's loop, between requests (:mod:`teacher_server.swap`).
+        Raises SignatureError when ``model`` takes or returns other tensors.
+        """
+        from teacher_server.swap import install_model, prepare_model
+
+        assert self.server is not None, "call start() first"
+        loaded = prepare_model(self.server, model)
+
+        async def _install() -> None:
+            install_model(self.server, loaded, version)
+
+        self.call(_install(), timeout_s=timeout_s)
+        return loaded
 
     def close(self, grace_s: float = 0.0) -> None:
         """Drain for up to ``grace_s``, stop the server and the loop thread."""

@@ -56,11 +56,17 @@ class RegistryHook:
         self._reporter: asyncio.Task | None = None
         server.on_ready.append(self._on_ready)
         server.on_drain.append(self._on_drain)
+        server.registry_hook = self  # teacher_server.swap bumps the record's model version through it
 
     @property
     def url(self) -> str:
         """The Redis URL in use (the embedded one's, once started, for ``local``)."""
         return self._embedded.url if self._embedded is not None else self._url
+
+    def set_model_version(self, version: str) -> None:
+        """Announce a new model version (a swapped-in model); written with the next heartbeat."""
+        if self._registration is not None:
+            self._registration.update(model_version=version)
 
     async def _on_ready(self, address: str) -> None:
         if self._url == "local":

@@ -96,6 +96,8 @@ class TeacherServer:
         self.health = health_aio.HealthServicer()
         # The same-host transport's socket (teacher_server.local), when offered.
         self.local: LocalListener | None = None
+        # The Teacher servicer, once started (teacher_server.swap replaces its model).
+        self.servicer: TeacherServicer | None = None
         self._server: grpc.aio.Server | None = None
         self._stopping: asyncio.Task | None = None
 
@@ -126,7 +128,7 @@ class TeacherServer:
             self.metrics.attach(self.batcher)
             interceptors.insert(0, self.metrics.interceptor())
         server = grpc.aio.server(options=_server_options(cfg), interceptors=interceptors or None)
-        servicer = TeacherServicer(cfg, self.model, self.batcher, self.teacher_id)
+        servicer = self.servicer = TeacherServicer(cfg, self.model, self.batcher, self.teacher_id)
         pb_grpc.add_TeacherServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
