@@ -9,6 +9,10 @@ script (or the ``edistill`` CLI) can catch one base class::
     ├── SourceClosedError         submit() after close(), or work cut off by close()
     ├── AnswerMissingError        a source has no answer for these samples (e.g. a
     │                             cache miss); a FallbackSource asks the next source
+    ├── CacheError                a recorded cache (student_client.cache) cannot be used
+    │   ├── CacheCorruptError     a shard's bytes do not match its checksum (names the file)
+    │   └── CacheMismatchError    recorded with other outputs / teacher / dataset than asked
+    │                             (also a ConfigError); says what differs
     ├── NoTeacherAvailableError   no teacher answered for wait_timeout_s; names every
     │                             endpoint and its last error
     └── TeacherRequestError       a teacher refused a request for a reason that
@@ -29,6 +33,9 @@ from typing import Any
 
 __all__ = [
     "AnswerMissingError",
+    "CacheCorruptError",
+    "CacheError",
+    "CacheMismatchError",
     "ConfigError",
     "NoTeacherAvailableError",
     "SourceClosedError",
@@ -60,6 +67,26 @@ class AnswerMissingError(StudentError):
     def __init__(self, message: str, *, keys: Any = None) -> None:
         super().__init__(message)
         self.keys = keys
+
+
+class CacheError(StudentError):
+    """A recorded cache of teacher answers cannot be read or written as asked."""
+
+
+class CacheCorruptError(CacheError):
+    """A cache file is damaged (checksum mismatch, truncated, unreadable).
+
+    Attributes:
+        path: the damaged file; delete it and record again to refill its samples.
+    """
+
+    def __init__(self, message: str, *, path: Any = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class CacheMismatchError(CacheError, ConfigError):
+    """The cache was recorded with other outputs, teacher or dataset than the caller asks for."""
 
 
 class NoTeacherAvailableError(StudentError):
