@@ -252,7 +252,13 @@ class TeacherPool(MembershipMixin, OutcomeMixin, KnowledgeSource):
         self._do(work)
         return fut
 
+    def describe(self, timeout_s: float = 5.0) -> dict:
+        """``{endpoint: DescribeResponse}`` of the verified teachers: the model name and version each serves."""
+        from .describe import describe_channels
 
+        with self._lock:
+            channels = {e: t.grpc.channel for e, t in self._teachers.items() if t.live and t.breaker.state != "unverified"}
+        return describe_channels(channels, timeout_s)
 
     def close(self) -> None:
         """Stop the pool: pending batches fail with SourceClosedError, channels close. Idempotent."""

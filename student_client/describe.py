@@ -1,0 +1,34 @@
+"""Ask teachers what they serve: their ``Describe`` answers (model name and version, outputs, limits)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+from protos.edistill.v1 import teacher_pb2 as pb
+
+from .status import code_and_details
+
+__all__ = ["describe_channels"]
+
+logger = logging.getLogger(__name__)
+
+
+def describe_channels(channels: Mapping[str, Any], timeout_s: float) -> dict[str, "pb.DescribeResponse"]:
+    """``{endpoint: DescribeResponse}`` for the channels that answer within ``timeout_s`` (calls in parallel).
+
+    A teacher that fails (gone, refusing) is left out and logged at WARNING.
+    """
+    calls = {}
+    for endpoint, channel in channels.items():
+        method = channel.unary_unary("/edistill.v1.Teacher/Describe",
+                                     request_serializer=pb.DescribeRequest.SerializeToString,
+                                     response_deserializer=pb.DescribeResponse.FromString)
+        calls[endpoint] = method.future(pb.DescribeRequest(), timeout=timeout_s)
+    out = {}
+    for endpoint, call in calls.items():
+        try:
+            out[endpoint] = call.result()
+        except Exception as exc:  # grpc.RpcError / FutureTimeoutError: that teacher cannot say
+            logger.warning("teacher %s: Describe failed (%s: %s)", endpoint, *code_and_details(exc))
+    return out
