@@ -257,7 +257,8 @@ class TeacherPool(MembershipMixin, OutcomeMixin, KnowledgeSource):
         from .describe import describe_channels
 
         with self._lock:
-            channels = {e: t.grpc.channel for e, t in self._teachers.items() if t.live and t.breaker.state != "unverified"}
+            channels = {e: t.grpc.channel for e, t in self._teachers.items()
+                        if t.live and t.breaker.state != "unverified"}
         return describe_channels(channels, timeout_s)
 
     def close(self) -> None:
