@@ -7,6 +7,8 @@ torch/grpc are loaded only when used):
 * :class:`KnowledgeSource`, :class:`SourceRequest` — the source contract;
   :class:`TeacherPool`, :class:`InProcessTeacher`, :class:`FallbackSource`,
   :class:`EnsembleSource` — where the outputs come from.
+* :class:`CachedTeacher`, :func:`record`, :class:`RecordResult`, :class:`TeacherInfo` —
+  the offline mode: answers recorded to disk by sample key and served from there.
 * :class:`OutputSpec`, :class:`TopK` — what is requested and returned.
 * :class:`PoolConfig`, :class:`ExponentialBackoff` — pool configuration.
 * :func:`kd_loss` and :class:`KDLoss` (Hinton knowledge distillation),
@@ -24,6 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (
     AnswerMissingError,
+    CacheCorruptError,
+    CacheError,
+    CacheMismatchError,
     ConfigError,
     NoTeacherAvailableError,
     SourceClosedError,
@@ -35,6 +40,10 @@ from .errors import (
 __all__ = [
     "AnswerMissingError",
     "CELoss",
+    "CacheCorruptError",
+    "CacheError",
+    "CacheMismatchError",
+    "CachedTeacher",
     "ConfigError",
     "Dense",
     "DistillReader",
@@ -50,11 +59,13 @@ __all__ = [
     "PoolConfig",
     "PoolStats",
     "ReaderStats",
+    "RecordResult",
     "SourceClosedError",
     "SourceRequest",
     "SourceStats",
     "StudentError",
     "TeacherCredentials",
+    "TeacherInfo",
     "TeacherPool",
     "TeacherRequestError",
     "TeacherResponseError",
@@ -62,10 +73,12 @@ __all__ = [
     "TopK",
     "WeightedLoss",
     "kd_loss",
+    "record",
 ]
 
 _LAZY = {
     "CELoss": "losses",
+    "CachedTeacher": "cache",
     "Dense": "outputs",
     "DistillReader": "reader",
     "EnsembleSource": "compose",
@@ -79,18 +92,22 @@ _LAZY = {
     "PoolConfig": "config",
     "PoolStats": "stats",
     "ReaderStats": "stats",
+    "RecordResult": "recording",
     "SourceRequest": "sources",
     "SourceStats": "stats",
     "TeacherCredentials": "credentials",
+    "TeacherInfo": "cache",
     "TeacherPool": "pool",
     "TeacherStats": "stats",
     "TopK": "outputs",
     "WeightedLoss": "losses",
     "kd_loss": "losses",
+    "record": "recording",
 }
 
 if TYPE_CHECKING:
     from .backoff import ExponentialBackoff
+    from .cache import CachedTeacher, TeacherInfo
     from .compose import EnsembleSource, FallbackSource
     from .config import PoolConfig
     from .credentials import TeacherCredentials
@@ -98,6 +115,7 @@ if TYPE_CHECKING:
     from .outputs import Dense, OutputSpec, TopK
     from .pool import TeacherPool
     from .reader import DistillReader
+    from .recording import RecordResult, record
     from .sources import InProcessTeacher, KnowledgeSource, SourceRequest
     from .stats import PoolStats, ReaderStats, SourceStats, TeacherStats
 

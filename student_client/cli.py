@@ -1,4 +1,4 @@
-"""The ``edistill`` command line: ``teacher``, ``registry`` and ``demo``.
+"""The ``edistill`` command line: ``teacher``, ``registry``, ``demo`` and ``record``.
 
 Thin by design: each package contributes its own sub-commands through an
 ``add_commands(subparsers)`` function, and each command function returns an
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full ``edistill`` argument parser."""
     from registry import cli as registry_cli
     from student_client import demo as demo_cli
+    from student_client import record_cli
     from teacher_server import cli as teacher_cli
     from teacher_server.envflags import apply_env_tree
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     teacher_cli.add_commands(sub)
     registry_cli.add_commands(sub)
     demo_cli.add_commands(sub)
+    record_cli.add_commands(sub)
     apply_env_tree(parser)
     return parser
 

@@ -1,0 +1,131 @@
+"""How one output's answers are laid out in a shard, and put back together.
+
+Per output ``name`` (rows = samples, in the shard's key order):
+
+* dense answer (:class:`~student_client.outputs.Dense`): tensor ``name`` of
+  shape ``(rows, *shape)`` in the answer's dtype, bytes exactly as the
+  teacher sent them;
+* top-k answer (:class:`~student_client.outputs.TopK`): ``name.values``
+  ``(rows, ..., k)`` in the answer's dtype and ``name.indices`` in the
+  smallest unsigned dtype that holds the last dimension ``C`` (uint8 up to
+  256 classes, uint16 up to 65,536, else int32), widened back to int64 on read.
+
+The layout (``kind``, ``transform``, ``temperature``, ``dtype``, per-sample
+shapes) is in the shard's metadata, so an answer read back carries the
+metadata it was recorded with, and equals the live answer bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from ..errors import CacheError, ConfigError
+from ..outputs import OutputSpec, TopK, dense_answer
+
+__all__ = ["ColumnBuffer", "columns", "gather", "index_dtype", "layout_of"]
+
+
+def index_dtype(classes: int) -> str:
+    """The smallest dtype for top-k indices into a last dimension of ``classes``."""
+    return "uint8" if classes <= 1 << 8 else "uint16" if classes <= 1 << 16 else "int32"
+
+
+def _dtype_name(t: Any) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def layout_of(name: str, answer: Any) -> dict:
+    """The layout of one batch's answer for output ``name`` (per-sample shapes, no row count)."""
+    import torch
+
+    if isinstance(answer, TopK):
+        return {"kind": "topk", "transform": answer.transform, "temperature": float(answer.temperature),
+                "dtype": _dtype_name(answer.values), "k": answer.k, "dense_shape": list(answer.dense_shape[1:]),
+                "index_dtype": index_dtype(answer.dense_size)}
+    if isinstance(answer, torch.Tensor):
+        return {"kind": "dense", "transform": getattr(answer, "transform", "raw"),
+                "temperature": float(getattr(answer, "temperature", 1.0)), "dtype": _dtype_name(answer),
+                "shape": list(answer.shape[1:])}
+    raise CacheError(f"cannot record output {name!r}: the source answered with a {type(answer).__name__}, "
+                     "not a tensor, Dense or TopK")
+
+
+def columns(name: str, answer: Any, layout: dict) -> dict[str, Any]:
+    """The shard tensors of one answer (row-major, CPU, indices in the compact dtype)."""
+    import torch
+
+    if layout["kind"] == "topk":
+        return {f"{name}.values": answer.values.detach().cpu(),
+                f"{name}.indices": answer.indices.to(getattr(torch, layout["index_dtype"])).cpu()}
+    return {name: torch.Tensor.as_subclass(answer.detach().cpu(), torch.Tensor)}
+
+
+class ColumnBuffer:
+    """The rows of one shard being filled: keys and each output's tensors, batch by batch."""
+
+    def __init__(self, specs: Sequence[OutputSpec]) -> None:
+        self.specs = tuple(specs)
+        self.keys: list = []
+        self.layouts: dict[str, dict] = {}
+        self._parts: dict[str, list] = {}
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def add(self, keys: Sequence[Any], answers: Mapping[str, Any]) -> None:
+        """Append one batch (its keys, in row order, and its answers by output name)."""
+        for spec in self.specs:
+            if spec.name not in answers:
+                raise CacheError(f"the source answered without output {spec.name!r} "
+                                 f"(it sent: {', '.join(answers) or 'nothing'})")
+            answer = answers[spec.name]
+            layout = layout_of(spec.name, answer)
+            rows = answer.dense_shape[0] if isinstance(answer, TopK) else answer.shape[0]
+            if rows != len(keys):
+                raise CacheError(f"output {spec.name!r} has {rows} rows for {len(keys)} sample keys")
+            seen = self.layouts.setdefault(spec.name, layout)
+            if seen != layout:
+                raise CacheError(f"output {spec.name!r} changed its layout within a shard: {seen} then {layout}; "
+                                 "a cache holds one shape, dtype and transform per output")
+            for tname, t in columns(spec.name, answer, layout).items():
+                self._parts.setdefault(tname, []).append(t)
+                self.nbytes += t.numel() * t.element_size()
+        self.keys.extend(keys)
+
+    def take(self) -> tuple[list, dict[str, dict], dict[str, Any]]:
+        """``(keys, layouts, tensors)`` of the rows so far; the buffer is empty afterwards."""
+        import torch
+
+        tensors = {n: torch.cat(p) if len(p) > 1 else p[0] for n, p in self._parts.items()}
+        out = (self.keys, self.layouts, tensors)
+        self.keys, self.layouts, self._parts, self.nbytes = [], {}, {}, 0
+        return out
+
+
+def gather(name: str, layout: dict, parts: Sequence[tuple[Mapping[str, Any], Any, Any]], batch: int) -> Any:
+    """One output's answer for a batch of ``batch`` rows, from rows of several shards.
+
+    Args:
+        parts: ``(shard tensors, rows in that shard, positions in the batch)``
+            per shard (int64 index tensors).
+    """
+    import torch
+
+    def assemble(tname: str, per_sample: Sequence[int], dtype) -> "torch.Tensor":
+        out = torch.empty((batch, *per_sample), dtype=dtype)
+        if len(parts) == 1 and parts[0][2] is None:  # one shard, rows already in batch order
+            return parts[0][0][tname].index_select(0, parts[0][1]).to(dtype)
+        for tensors, rows, where in parts:
+            out.index_copy_(0, where, tensors[tname].index_select(0, rows).to(dtype))
+        return out
+
+    dtype = getattr(torch, layout["dtype"])
+    if layout["kind"] == "topk":
+        k_shape = [*layout["dense_shape"][:-1], layout["k"]]
+        values = assemble(f"{name}.values", k_shape, dtype)
+        indices = assemble(f"{name}.indices", k_shape, torch.int64)
+        return TopK(values, indices, (batch, *layout["dense_shape"]), layout["transform"], layout["temperature"])
+    if layout["kind"] == "dense":
+        return dense_answer(assemble(name, layout["shape"], dtype), layout["transform"], layout["temperature"])
+    raise ConfigError(f"output {name!r} is stored as {layout['kind']!r}, which this version cannot read")
