@@ -1,252 +1,48 @@
-"""The teacher side of the same-host transport (protos/edistill/v1/local.proto).
+"""The teacher side of the same-host transport (protos/edistill/v1/local.proto): answers and protocol.
 
-A raw client written here against the protocol (not the student's
-implementation): Unix socket, LocalHello, LocalRequest frames whose tensor
-bytes live in memfds passed with SCM_RIGHTS. Real in-process teachers, one
-real teacher process for the CLI flag.
+A raw client written against the protocol (``tests/helpers/local_raw.py``,
+not the student's implementation) talks to real in-process teachers. Limits,
+draining, socket files and peer checks: ``test_local_teacher_limits.py``.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import os
-import socket
-import stat
-import threading
-import time
 
 import grpc
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from protos import codec, localwire
 from protos.edistill.v1 import local_pb2
 from protos.edistill.v1 import teacher_pb2 as pb
-from protos.edistill.v1 import teacher_pb2_grpc as pb_grpc
-from teacher_server import BackgroundTeacher, LoadedModel, TeacherConfig, zoo
 from teacher_server import local as local_mod
-from teacher_server.errors import ConfigError
-from teacher_server.signature import TensorSpec
-from tests.helpers.teacher_proc import TeacherProcess
+from tests.helpers.local_raw import (  # noqa: F401  (fixtures: client, latency_teacher, runtime_dir, two_input_teacher)
+    INVALID_ARGUMENT,
+    LOCAL_ONLY,
+    OK,
+    RawLocalClient,
+    Wide,
+    client,
+    describe,
+    grpc_predict,
+    ids_input,
+    ids_of,
+    latency_teacher,
+    memfd,
+    open_fds,
+    runtime_dir,
+    serving,
+    two_input_teacher,
+    wait_for,
+)
 
-pytestmark = [
-    pytest.mark.skipif(not hasattr(os, "memfd_create") or not hasattr(socket, "SO_PEERCRED"),
-                       reason="the local transport is Linux-only (memfd, SO_PEERCRED)"),
-    # teacher_server.local ignores torch's "not writable" warning with a filter
-    # added at import, which pytest's per-test warning capture does not keep.
-    pytest.mark.filterwarnings("ignore:The given buffer is not writable:UserWarning"),
-]
-
-TIMEOUT_S = 30.0
-OK = grpc.StatusCode.OK.value[0]
-INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
-WIRE = {np.dtype("float32"): pb.FLOAT32, np.dtype("float16"): pb.FLOAT16, np.dtype("int64"): pb.INT64}
-
-
-# ------------------------------------------------------------------ raw client
-
-
-class RawLocalClient:
-    """A minimal student side of local.proto, for tests: one blocking Unix socket."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(TIMEOUT_S)
-        self.sock.connect(path)
-        self.frames = localwire.FrameBuffer(1 << 30)
-        self._ready: collections.deque[bytes] = collections.deque()
-        self._next_call = 0
-
-    def __enter__(self) -> "RawLocalClient":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def send_frame(self, payload: bytes, fds=()) -> None:
-        socket.send_fds(self.sock, [localwire.encode_frame(payload)], list(fds))
-
-    def recv_frame(self) -> bytes | None:
-        """The next frame's payload, or None at EOF."""
-        while not self._ready:
-            data = self.sock.recv(1 << 20)
-            if not data:
-                return None
-            self.frames.feed(data)
-            self._ready.extend(self.frames.frames())  # drain the generator: it compacts its buffer at the end
-        return self._ready.popleft()
-
-    def hello(self, *, version: int = 1, token: str = "") -> local_pb2.LocalWelcome:
-        self.send_frame(local_pb2.LocalHello(version=version, token=token).SerializeToString())
-        frame = self.recv_frame()
-        assert frame is not None, "teacher closed the connection instead of answering LocalHello"
-        return local_pb2.LocalWelcome.FromString(frame)
-
-    def send_request(self, arrays: dict[str, np.ndarray], *, request_id: str = "", outputs=(), timeout_s: float = 0.0,
-                     offset: int = 0, separate_fds: bool = False, tamper=None, extra_fds: int = 0) -> int:
-        """Put ``arrays`` in memfd(s) and send one LocalRequest; return its call id.
-
-        ``offset``: where the first tensor starts in its memfd. ``tamper(req)``
-        may edit the request (bad shapes, offsets) before it is sent.
-        ``extra_fds``: that many more memfds, not counted in fd_count.
-        """
-        self._next_call += 1
-        call_id = self._next_call
-        req = local_pb2.LocalRequest(call_id=call_id, request_id=request_id, outputs=list(outputs),
-                                     timeout_s=timeout_s)
-        fds = []
-        try:
-            if separate_fds:
-                for i, (name, arr) in enumerate(arrays.items()):
-                    fds.append(_memfd(b"\x00" * offset + arr.tobytes()))
-                    req.inputs.add(name=name, dtype=WIRE[arr.dtype], shape=arr.shape, fd_index=i, offset=offset)
-            else:
-                blob = bytearray(b"\x00" * offset)
-                for name, arr in arrays.items():
-                    blob += b"\x00" * (-len(blob) % 64)  # 64-byte aligned, like a tensor storage
-                    req.inputs.add(name=name, dtype=WIRE[arr.dtype], shape=arr.shape, fd_index=0, offset=len(blob))
-                    blob += arr.tobytes()
-                fds.append(_memfd(bytes(blob)))
-            req.fd_count = len(fds)
-            fds += [_memfd(b"extra") for _ in range(extra_fds)]
-            if tamper is not None:
-                tamper(req)
-            self.send_frame(req.SerializeToString(), fds)
-        finally:
-            for fd in fds:  # the teacher got its own copies
-                os.close(fd)
-        return call_id
-
-    def recv_reply(self) -> local_pb2.LocalReply:
-        frame = self.recv_frame()
-        assert frame is not None, "teacher closed the connection instead of replying"
-        return local_pb2.LocalReply.FromString(frame)
-
-    def predict(self, arrays: dict[str, np.ndarray], **kwargs) -> local_pb2.LocalReply:
-        call_id = self.send_request(arrays, **kwargs)
-        reply = self.recv_reply()
-        assert reply.call_id == call_id
-        return reply
-
-    def at_eof(self) -> bool:
-        """True once the teacher has closed this connection, skipping frames sent before (waits up to TIMEOUT_S)."""
-        try:
-            while self.recv_frame() is not None:
-                pass
-        except (ConnectionResetError, BrokenPipeError):
-            pass
-        return True  # a connection left open ends in socket.timeout instead
-
-
-def _memfd(data: bytes) -> int:
-    fd = os.memfd_create("edistill-test")
-    os.write(fd, data)
-    return fd
-
-
-def ids_input(ids, features: int = 4) -> dict[str, np.ndarray]:
-    """Latency-teacher input: column 0 of each row is its id."""
-    x = np.zeros((len(ids), features), np.float32)
-    x[:, 0] = ids
-    return {"input": x}
-
-
-def ids_of(reply: local_pb2.LocalReply) -> list[float]:
-    return codec.to_numpy(reply.response.outputs[0].values)[:, 0].tolist()
-
-
-def open_fds(pid: int | str = "self") -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-# --------------------------------------------------------------------- models
-
-
-class TwoInputs(nn.Module):
-    """x (B, 8) float32 and ids (B, 3) int64 -> logits (B, 5)."""
-
-    edistill_inputs = [TensorSpec("x", torch.float32, (8,)), TensorSpec("ids", torch.int64, (3,))]
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.lin = nn.Linear(8, 5)
-
-    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return self.lin(x) + ids.sum(-1, keepdim=True).float()  # (B, 5)
-
-
-class Wide(nn.Module):
-    """x (B, 4) -> (B, 200_000): 800 KB of output per row, far more than a socket buffer holds."""
-
-    edistill_inputs = [TensorSpec("input", torch.float32, (4,))]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, :1] + torch.arange(200_000, dtype=torch.float32)  # (B, 200_000)
-
-
-@pytest.fixture(scope="module")
-def runtime_dir(tmp_path_factory) -> str:
-    """EDISTILL_RUNTIME_DIR for this module's teachers: a fresh directory (created by the teacher)."""
-    path = str(tmp_path_factory.mktemp("rt") / "edistill")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(local_mod.RUNTIME_DIR_ENV, path)
-        yield path
-
-
-@contextlib.contextmanager
-def serving(model: nn.Module, **config):
-    config.setdefault("max_queue_delay_ms", 20)
-    config.setdefault("max_batch_size", 16)
-    with BackgroundTeacher(TeacherConfig(model_name="m", model_version="3", **config),
-                           LoadedModel.from_module(model)) as teacher:
-        yield teacher
-
-
-@pytest.fixture(scope="module")
-def latency_teacher(runtime_dir):
-    """Latency teacher (20 ms per forward) that waits up to 20 ms to fill a batch of <= 16."""
-    with serving(zoo.latency(delay_ms=20), metrics_port=0) as teacher:
-        yield teacher
-
-
-@pytest.fixture(scope="module")
-def two_input_teacher(runtime_dir):
-    with serving(TwoInputs(), max_queue_delay_ms=1) as teacher:
-        yield teacher
-
-
-@pytest.fixture
-def client(latency_teacher):
-    with RawLocalClient(latency_teacher.server.local_socket) as c:
-        assert c.hello().code == OK
-        yield c
-
-
-def _describe(address: str, metadata=None) -> pb.DescribeResponse:
-    with grpc.insecure_channel(address) as ch:
-        return pb_grpc.TeacherStub(ch).Describe(pb.DescribeRequest(), timeout=TIMEOUT_S, metadata=metadata)
-
-
-def _grpc_predict(address: str, arrays: dict[str, np.ndarray], request_id: str = "") -> pb.PredictResponse:
-    req = pb.PredictRequest(request_id=request_id)
-    for name, arr in arrays.items():
-        codec.encode(arr, req.inputs.add(), name=name)
-    with grpc.insecure_channel(address) as ch:
-        return pb_grpc.TeacherStub(ch).Predict(req, timeout=TIMEOUT_S)
-
-
-# ---------------------------------------------------------------------- tests
+pytestmark = LOCAL_ONLY
 
 
 def test_describe_names_the_socket_and_host(latency_teacher, runtime_dir) -> None:
-    d = _describe(latency_teacher.address)
+    d = describe(latency_teacher.address)
     assert d.local_socket == latency_teacher.server.local_socket
     assert os.path.isabs(d.local_socket) and os.path.dirname(d.local_socket) == runtime_dir
     assert os.path.basename(d.local_socket) == f"teacher-{d.teacher_id}.sock"
@@ -274,7 +70,7 @@ def test_answer_equals_the_model_and_the_grpc_answer(two_input_teacher, separate
     resp = reply.response
     assert resp.request_id == "req-42"
     np.testing.assert_allclose(codec.to_numpy(resp.outputs[0].values), expected, rtol=1e-6, atol=1e-6)
-    via_grpc = _grpc_predict(two_input_teacher.address, {"x": x, "ids": ids}, request_id="req-42")
+    via_grpc = grpc_predict(two_input_teacher.address, {"x": x, "ids": ids}, request_id="req-42")
     for field in ("request_id", "teacher_id", "model_name", "model_version"):
         assert getattr(resp, field) == getattr(via_grpc, field)
     assert (resp.model_name, resp.model_version, resp.teacher_id) == ("m", "3", two_input_teacher.server.teacher_id)
@@ -307,7 +103,7 @@ def test_invalid_request_gets_the_grpc_message(latency_teacher, client, case: st
     arrays, needle = _bad_cases()[case]
     reply = client.predict(arrays, request_id="bad")
     with pytest.raises(grpc.RpcError) as info:
-        _grpc_predict(latency_teacher.address, arrays)
+        grpc_predict(latency_teacher.address, arrays)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert reply.code == INVALID_ARGUMENT and reply.details == info.value.details()
     assert needle in reply.details
@@ -371,7 +167,7 @@ def test_large_replies_arrive_whole_and_in_completion_order(runtime_dir) -> None
             assert c.hello().code == OK
             calls = {c.send_request(ids_input([10 * k, 10 * k + 1])): k for k in range(6)}
             # All answered before the client reads one: the replies wait in the teacher's write buffer.
-            _wait_for(lambda: t.server.local.in_flight == 0, "the teacher did not answer")
+            wait_for(lambda: t.server.local.in_flight == 0, "the teacher did not answer")
             for _ in range(len(calls)):
                 reply = c.recv_reply()
                 k = calls.pop(reply.call_id)
@@ -413,7 +209,7 @@ def test_protocol_violation_closes_the_connection_without_leaking_fds(latency_te
         if abuse == "garbage-hello":
             bad.sock.sendall(localwire.encode_frame(b"\x0a\xff"))
         elif abuse == "fds-with-hello":
-            fd = _memfd(b"x" * 16)
+            fd = memfd(b"x" * 16)
             bad.send_frame(local_pb2.LocalHello(version=1).SerializeToString(), [fd])
             os.close(fd)
         else:
@@ -431,7 +227,7 @@ def test_protocol_violation_closes_the_connection_without_leaking_fds(latency_te
     # Every descriptor the teacher received on the closed connection was closed
     # (in-process server, so its descriptors are this process's; the client's
     # memfds were closed by send_request, its socket by the `with`).
-    _wait_for(lambda: open_fds() <= before, f"descriptors leaked: {before} before, {open_fds()} after")
+    wait_for(lambda: open_fds() <= before, f"descriptors leaked: {before} before, {open_fds()} after")
     assert ids_of(client.predict(ids_input([5]))) == [5]  # the server, and other connections, go on
 
 
@@ -462,219 +258,3 @@ def test_requests_may_follow_the_hello_without_waiting_for_the_welcome(latency_t
         replies = {r.call_id: ids_of(r) for r in (c.recv_reply(), c.recv_reply())}
         assert replies == {first: [77], second: [78]}
 
-
-def test_descriptors_are_not_leaked(latency_teacher, client) -> None:
-    for k in range(5):  # warm up whatever the first requests allocate
-        client.predict(ids_input([k]))
-    with grpc.insecure_channel(latency_teacher.address) as ch:
-        stub = pb_grpc.TeacherStub(ch)
-        stub.Describe(pb.DescribeRequest(), timeout=TIMEOUT_S)  # connect before counting
-        before = open_fds()
-        n = 0
-        for _ in range(20):  # 200 requests, 10 in flight at a time
-            calls = [client.send_request(ids_input([n + i])) for i in range(10)]
-            replies = {r.call_id: r for r in (client.recv_reply() for _ in calls)}
-            assert all(replies[c].code == OK for c in calls)
-            n += 10
-        # The batcher drops its last batch (and so the last mappings, each
-        # holding a descriptor) when it forms the next one: one more request.
-        req = pb.PredictRequest()
-        codec.encode(ids_input([0])["input"], req.inputs.add(), name="input")
-        stub.Predict(req, timeout=TIMEOUT_S)
-        after = open_fds()
-    assert after <= before, f"{after - before} descriptor(s) leaked over 200 local requests"
-
-
-def test_per_connection_limit(runtime_dir) -> None:
-    with serving(zoo.latency(delay_ms=200), max_batch_size=1, max_queued_per_peer=2) as t:
-        with RawLocalClient(t.server.local_socket) as c:
-            assert c.hello().code == OK
-            for k in range(4):
-                c.send_request(ids_input([k]))
-            replies = [c.recv_reply() for _ in range(4)]
-        codes = collections.Counter(r.code for r in replies)
-        assert codes == {OK: 2, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]: 2}
-        refused = next(r for r in replies if r.code != OK)
-        assert "max_queued_per_peer 2" in refused.details
-        # A second connection has a quota of its own.
-        with RawLocalClient(t.server.local_socket) as other:
-            assert other.hello().code == OK
-            assert other.predict(ids_input([9])).code == OK
-
-
-def test_deadline_skips_work_still_queued(runtime_dir) -> None:
-    with serving(zoo.latency(delay_ms=500), max_batch_size=1, max_queue_delay_ms=0) as t:
-        module = t.model.module
-        with RawLocalClient(t.server.local_socket) as c:
-            assert c.hello().code == OK
-            calls_before = module.forward_calls
-            slow = c.send_request(ids_input([1]))  # occupies the model for 500 ms
-            late = c.send_request(ids_input([2]), timeout_s=0.05)  # queued behind it, expires there
-            replies = {r.call_id: r for r in (c.recv_reply(), c.recv_reply())}
-            assert replies[slow].code == OK
-            assert replies[late].code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
-            assert "timeout_s" in replies[late].details
-            # The queued request was never computed: one forward pass, not two.
-            assert c.predict(ids_input([3])).code == OK  # the batcher has moved past the skipped item
-            assert module.forward_calls - calls_before == 2
-
-
-def test_token_is_checked_like_grpc_metadata(runtime_dir) -> None:
-    with serving(zoo.latency(delay_ms=1), auth_tokens=("tok-a", "tok-b")) as t:
-        path = _describe(t.address, metadata=(("authorization", "Bearer tok-a"),)).local_socket
-        assert path == t.server.local_socket
-        for token, needle in (("", "carries no token"), ("nope", "not accepted")):
-            with RawLocalClient(path) as c:
-                w = c.hello(token=token)
-                assert w.code == grpc.StatusCode.UNAUTHENTICATED.value[0] and needle in w.details
-                assert "nope" not in w.details  # never echoes what was sent
-                assert c.at_eof()
-        with RawLocalClient(path) as c:
-            assert c.hello(token="tok-b").code == OK
-            assert ids_of(c.predict(ids_input([4]))) == [4]
-
-
-def test_socket_file_is_private_and_removed_on_stop(runtime_dir) -> None:
-    with serving(zoo.latency(delay_ms=1)) as t:
-        path = t.server.local_socket
-        st = os.lstat(path)
-        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
-        d = os.lstat(os.path.dirname(path))
-        assert stat.S_IMODE(d.st_mode) == 0o700 and d.st_uid == os.geteuid()
-    assert not os.path.exists(path)
-
-
-def test_drain_finishes_in_flight_requests_then_closes(runtime_dir) -> None:
-    t = BackgroundTeacher(TeacherConfig(max_batch_size=1, max_queue_delay_ms=0, grace_s=10),
-                          LoadedModel.from_module(zoo.latency(delay_ms=300))).start()
-    try:
-        path = t.server.local_socket
-        with RawLocalClient(path) as c:
-            assert c.hello().code == OK
-            first = c.send_request(ids_input([1]))
-            _wait_for(lambda: t.server.batcher.in_flight == 1, "the first request never reached the model")
-            stopping = threading.Thread(target=t.close, kwargs={"grace_s": 10.0})
-            stopping.start()
-            _wait_for(lambda: t.server.local.draining, "the drain never began")
-            assert not os.path.exists(path)  # no new connections since health turned NOT_SERVING
-            late = c.send_request(ids_input([2]))
-            replies = {r.call_id: r for r in (c.recv_reply(), c.recv_reply())}
-            assert replies[first].code == OK and ids_of(replies[first]) == [1]  # in flight: finished
-            assert replies[late].code == grpc.StatusCode.UNAVAILABLE.value[0]  # after drain began: refused
-            assert c.at_eof()
-            stopping.join(TIMEOUT_S)
-        with pytest.raises(OSError):
-            RawLocalClient(path)
-    finally:
-        t.close()
-
-
-def test_auto_skips_a_directory_open_to_others(tmp_path, monkeypatch, caplog) -> None:
-    shared = tmp_path / "shared"
-    shared.mkdir(mode=0o777)
-    shared.chmod(0o777)
-    monkeypatch.setenv(local_mod.RUNTIME_DIR_ENV, str(shared))
-    with serving(zoo.latency(delay_ms=1)) as t:
-        assert t.server.local_socket is None
-        assert _describe(t.address).local_socket == ""
-    assert "open to group or others" in caplog.text and "chmod 700" in caplog.text
-    with pytest.raises(ConfigError, match="open to group or others"):
-        local_mod.runtime_dir()
-
-
-def test_explicit_path(tmp_path) -> None:
-    path = str(tmp_path / "t.sock")
-    with serving(zoo.latency(delay_ms=1), local_socket=path) as t:
-        assert _describe(t.address).local_socket == path
-        with RawLocalClient(path) as c:
-            assert c.hello().code == OK
-        # A second teacher on a live socket fails loudly instead of stealing it.
-        with pytest.raises(ConfigError, match="another process is serving"):
-            with serving(zoo.latency(delay_ms=1), local_socket=path):
-                pass
-        assert os.path.exists(path)
-    assert not os.path.exists(path)
-    (tmp_path / "plain").write_text("not a socket")
-    with pytest.raises(ConfigError, match="is not a socket"):
-        with serving(zoo.latency(delay_ms=1), local_socket=str(tmp_path / "plain")):
-            pass
-
-
-def test_stale_socket_file_is_replaced(tmp_path) -> None:
-    path = str(tmp_path / "stale.sock")
-    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    dead.bind(path)
-    dead.close()  # the file stays, nobody listens: what a SIGKILLed teacher leaves
-    with serving(zoo.latency(delay_ms=1), local_socket=path) as t:
-        with RawLocalClient(path) as c:
-            assert c.hello().teacher_id == t.server.teacher_id
-
-
-@pytest.mark.parametrize("value,expected", [("off", "off"), ("OFF", "off"), ("", "off"), ("none", "off"),
-                                            ("auto", "auto"), ("/run/t.sock", "/run/t.sock")])
-def test_config_values(value: str, expected: str) -> None:
-    assert TeacherConfig(local_socket=value).local_socket == expected
-
-
-def test_config_rejects_a_path_too_long_for_af_unix() -> None:
-    with pytest.raises(ConfigError, match="107-byte limit"):
-        TeacherConfig(local_socket="/tmp/" + "x" * 120 + ".sock")
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another uid")
-def test_other_uid_is_refused() -> None:
-    # Past the 0600 file (opened up here on purpose), SO_PEERCRED still refuses another uid.
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        os.chmod(d, 0o755)
-        path = os.path.join(d, "open.sock")
-        with serving(zoo.latency(delay_ms=1), local_socket=path):
-            os.chmod(path, 0o666)
-            assert _connect_as(65534, path) == "EOF"
-            assert _connect_as(os.geteuid(), path) == "ANSWERED"
-
-
-def _connect_as(uid: int, path: str) -> str:
-    """Fork, switch to ``uid``, send a LocalHello; "EOF" when the teacher hangs up, "ANSWERED" otherwise."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: raw syscalls only, then _exit (no gRPC, no torch, no logging after fork)
-        result = b"ERROR"
-        try:
-            os.close(r)
-            os.setgid(uid)
-            os.setuid(uid)
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(TIMEOUT_S)
-            s.connect(path)
-            try:  # the teacher may hang up before the hello is even written
-                s.sendall(localwire.encode_frame(local_pb2.LocalHello(version=1).SerializeToString()))
-                result = b"ANSWERED" if s.recv(100) else b"EOF"
-            except (ConnectionResetError, BrokenPipeError):
-                result = b"EOF"
-        except BaseException as exc:  # noqa: B036 -- reported to the parent
-            result = f"ERROR {exc!r}".encode()
-        finally:
-            os.write(w, result)
-            os._exit(0)
-    os.close(w)
-    try:
-        with os.fdopen(r, "rb") as f:
-            return f.read().decode()
-    finally:
-        os.waitpid(pid, 0)
-
-
-def test_cli_flag_off_gives_empty_describe() -> None:
-    with TeacherProcess("teacher_server.zoo:latency", "--local-socket", "off") as t:
-        d = _describe(t.address)
-        assert d.local_socket == "" and d.host_id == localwire.host_id()
-
-
-def _wait_for(cond, message: str, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(message)
-        time.sleep(0.01)
