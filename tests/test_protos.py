@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import struct
 import subprocess
 import sys
 
@@ -61,6 +62,41 @@ def test_bfloat16_numpy_view_is_raw_bits() -> None:
     raw = codec.to_numpy(codec.encode(t))
     assert raw.dtype == np.dtype("<u2")
     assert np.array_equal(raw, t.view(torch.int16).numpy().view(np.uint16))
+
+
+def _bf16_bits(v: float) -> int:
+    """bfloat16 of an exactly representable float: the upper half of its IEEE float32 bits."""
+    return struct.unpack("<I", struct.pack("<f", v))[0] >> 16
+
+
+# Every wire dtype pinned by bytes built without the codec (struct / bytes) and by its
+# number in teacher.proto, so a mistake made alike in encode and decode (an enum
+# renumbered, a byte order, a signedness, a bool encoding) fails here although every
+# round trip above still passes. Values: negative, multi-byte and top-of-range ones.
+_WIRE_FIXTURES = {
+    "float32": (1, torch.float32, [1.0, -2.5], struct.pack("<2f", 1.0, -2.5)),
+    "float16": (2, torch.float16, [1.0, -2.5], struct.pack("<2e", 1.0, -2.5)),
+    "bfloat16": (3, torch.bfloat16, [1.0, -2.5], struct.pack("<2H", _bf16_bits(1.0), _bf16_bits(-2.5))),
+    "int64": (4, torch.int64, [-3, 1 << 40], struct.pack("<2q", -3, 1 << 40)),
+    "int32": (5, torch.int32, [-2, 7, 2**31 - 1], struct.pack("<3i", -2, 7, 2**31 - 1)),
+    "uint8": (6, torch.uint8, [0, 7, 255], bytes([0, 7, 255])),
+    "bool": (7, torch.bool, [True, False, True], bytes([1, 0, 1])),
+}
+
+
+@pytest.mark.parametrize("name", list(_WIRE_FIXTURES))
+def test_wire_bytes_match_fixtures_built_by_hand(name: str) -> None:
+    number, dtype, values, raw = _WIRE_FIXTURES[name]
+    t = torch.tensor(values, dtype=dtype)
+    msg = codec.encode(t)
+    assert (msg.dtype, list(msg.shape), msg.data) == (number, [len(values)], raw)
+    if dtype != torch.bfloat16:  # numpy has no bfloat16
+        assert codec.encode(t.numpy()).data == raw
+    by_hand = pb.Tensor(dtype=number, shape=[len(values)], data=raw)
+    back = codec.to_torch(by_hand)
+    assert back.dtype == dtype and back.tolist() == values
+    if dtype != torch.bfloat16:
+        assert codec.to_numpy(by_hand).tolist() == values
 
 
 def test_decode_views_the_message_bytes_read_only() -> None:
