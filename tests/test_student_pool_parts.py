@@ -245,11 +245,35 @@ def test_auto_hedge_waits_for_latency_samples_then_hedges_a_stuck_teacher(net):
     assert st.hedges == 1 and st.teachers[stuck.endpoint].failures == {"HEDGED": 1}
 
 
-def test_hedging_can_be_turned_off(net):
-    with make_pool(net, ("a:1", "b:2"), hedge_after_s=None) as pool:
-        pool.submit(SourceRequest(batch([1]), 1))
-        time.sleep(0.4)
-        assert len(net.calls) == 1 and pool.stats().hedges == 0
+def _health_checks(net, endpoint: str) -> int:
+    return sum(c.endpoint == endpoint for c in net.health_calls)
+
+
+@pytest.mark.parametrize("hedge_after_s", [None, "auto"])
+def test_hedging_can_be_turned_off(net, hedge_after_s):
+    # A setting under which "auto" (the control) hedges: latency samples from quick
+    # answers and a 0.05 s floor. None must not hedge a call held 10x that long.
+    net.health["c:3"] = grpc.StatusCode.UNAVAILABLE  # its re-checks show the dispatcher's passes
+    with make_pool(net, ("a:1", "b:2", "c:3"), hedge_after_s=hedge_after_s, hedge_min_s=0.05) as pool:
+        net.default = "ok"
+        for i in range(40):
+            pool.submit(SourceRequest(batch([i]), f"w{i}")).result(timeout=5)
+        net.default = "hold"
+        fut = pool.submit(SourceRequest(batch([9]), 9))
+        (held,) = net.pending()
+        t0 = time.monotonic()
+        if hedge_after_s is None:
+            wait_for(lambda: time.monotonic() - t0 > 0.5, what="the call to be held 10x the threshold")
+            # The dispatcher re-checks c:3 every backoff (<= 0.2 s), after its hedging step:
+            # the check after next comes from a pass that began with the call held > 0.5 s.
+            checks = _health_checks(net, "c:3")
+            wait_for(lambda: _health_checks(net, "c:3") >= checks + 2, what="two more dispatcher passes")
+            assert net.pending() == [held] and len(net.calls) == 41 and pool.stats().hedges == 0
+            held.succeed()
+        else:
+            (hedge,) = wait_for(lambda: [c for c in net.pending() if c is not held], what="the control's hedge")
+            hedge.succeed()
+        assert fut.result(timeout=5)["logits"][0, 0].item() == 9.0
 
 
 @pytest.mark.parametrize("value", ["soon", 0, -1.0, float("nan")])
