@@ -44,6 +44,12 @@ are in shared memory, as a DataLoader with workers delivers them
 (``--loader shared``); ``--transport grpc`` measures the gRPC path that
 teachers on other machines get, ``--loader private`` the one-copy local path.
 
+``--source cache`` measures the offline mode instead of the service in (c):
+the 8 distinct batches are recorded once (in-process teacher, before timing)
+into a temporary cache and (c) reads them back through a
+:class:`student_client.CachedTeacher` (keys: batch number x batch size +
+row); no teacher process runs.
+
 Summary: ``ratio_vs_plain`` = c / a (target >= 0.95), ``ratio_vs_regular``
 = c / b (target >= 2.5), medians of steps/s over rounds, for the ``pinned``
 setting; ``ratio_vs_plain_shared_cores`` and ``ratio_vs_regular_shared_cores``
@@ -51,7 +57,7 @@ for ``shared``. ``--cores shared`` or ``--cores pinned`` runs one setting
 (then the plain names hold that setting's numbers).
 
     python bench/pipeline.py [--teachers 4] [--rounds 5] [--steps 30] [--teacher latency|cnn] \
-        [--cores both|pinned|shared] [--transport auto|grpc] [--loader shared|private]
+        [--cores both|pinned|shared] [--transport auto|grpc] [--loader shared|private] [--source service|cache]
 """
 
 from __future__ import annotations
@@ -69,7 +75,8 @@ from _common import emit, median
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from student_client import DistillReader, InProcessTeacher, SourceRequest, TeacherPool  # noqa: E402
+from student_client import CachedTeacher, DistillReader, InProcessTeacher, SourceRequest, TeacherPool  # noqa: E402
+from student_client import record  # noqa: E402
 from student_client.config import PoolConfig  # noqa: E402
 from student_client.losses import kd_loss  # noqa: E402
 from teacher_server import zoo  # noqa: E402
@@ -102,6 +109,22 @@ def loader(batch_size: int, distinct: int = 8, shared: bool = True):
     return itertools.cycle(batches)
 
 
+def _record_cache(data, teacher: InProcessTeacher, batch_size: int, distinct: int = 8):
+    """Record the loader's ``distinct`` batches into a temporary cache; ``(directory, sample_keys)``."""
+    import tempfile
+
+    batches = [next(data) for _ in range(distinct)]  # the cycle comes back to the first batch after these
+    number = {id(images): i for i, (images, _) in enumerate(batches)}
+
+    def keys(batch) -> list[int]:
+        i = number[id(batch[0])]
+        return list(range(i * batch_size, (i + 1) * batch_size))
+
+    directory = tempfile.mkdtemp(prefix="edistill-bench-cache-")
+    record(batches, teacher, directory, sample_keys=keys, teacher_input=lambda b: b[0])
+    return directory, keys
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teachers", type=int, default=4, help="teacher server processes for mode (c)")
@@ -118,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="batches in shared memory (as DataLoader workers deliver them) or private memory")
     p.add_argument("--transport", choices=("auto", "grpc"), default="auto",
                    help="auto: the same-host local transport (teachers here); grpc: gRPC only, as for remote teachers")
+    p.add_argument("--source", choices=("service", "cache"), default="service",
+                   help="mode (c): teacher servers, or answers recorded to a cache beforehand")
     p.add_argument("--cores", choices=("both", "pinned", "shared"), default="both",
                    help="pinned: student on CPU 0 (1 torch thread), teachers on CPU 1; shared: no pinning")
     _common.add_env_args(p)
@@ -186,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
               "teacher_delay_ms": delay_ms if opts.teacher == "latency" else None,
               "cnn_width": opts.cnn_width if opts.teacher == "cnn" else None, "cores": settings,
               "student_step_ms_setting": settings[0], "loader": opts.loader, "transport": opts.transport,
+              "source": opts.source,
               **_common.machine()}
     emit({"config": config})
 
@@ -193,10 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     window = opts.window or 2 * opts.teachers + 2
     rates = {(c, m): [] for c in settings for m in ("plain", "regular", "service")}
     cpu_ms = {k: [] for k in rates}  # this process's CPU (all its threads) per step
-    with _common.teachers(opts.teachers, spec, *serve_args) as started, \
-            TeacherPool([t.address for t in started], config=PoolConfig(
-                timeout_s=60.0, local_transport="off" if opts.transport == "grpc" else "auto")) as pool, \
-            DistillReader(data, pool, window=window, teacher_input=send) as reader:
+    reader_keys = None
+    if opts.source == "cache":  # record the distinct batches once; (c) then reads them back by key
+        cache_dir, reader_keys = _record_cache(data, regular, opts.batch_size)
+    with _common.teachers(opts.teachers if opts.source == "service" else 0, spec, *serve_args) as started, \
+            (TeacherPool([t.address for t in started], config=PoolConfig(
+                timeout_s=60.0, local_transport="off" if opts.transport == "grpc" else "auto"))
+             if opts.source == "service" else CachedTeacher(cache_dir)) as pool, \
+            DistillReader(data, pool, window=window, teacher_input=send, sample_keys=reader_keys) as reader:
         procs.extend(started)
         service_it = iter(reader)
 
