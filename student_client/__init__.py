@@ -12,6 +12,8 @@ torch/grpc are loaded only when used):
 * :class:`OutputSpec`, :class:`TopK` — what is requested and returned.
 * :class:`PoolConfig`, :class:`ExponentialBackoff` — pool configuration.
 * :func:`kd_loss` and :class:`KDLoss` (Hinton knowledge distillation),
+  :class:`HintLoss`/:func:`hint_loss`, :class:`AttentionTransferLoss`/:func:`attention_transfer_loss`,
+  :class:`RKDLoss`/:func:`rkd_loss`, :class:`SimilarityPreservingLoss`/:func:`similarity_preserving_loss`,
   :class:`CELoss`, :class:`WeightedLoss` and the :class:`Loss` protocol —
   losses that say which teacher outputs they need (:mod:`student_client.losses`).
 * :class:`Dense`, :class:`TopK` — dense and sparse teacher answers, carrying
@@ -39,6 +41,7 @@ from .errors import (
 
 __all__ = [
     "AnswerMissingError",
+    "AttentionTransferLoss",
     "CELoss",
     "CacheCorruptError",
     "CacheError",
@@ -50,6 +53,7 @@ __all__ = [
     "EnsembleSource",
     "ExponentialBackoff",
     "FallbackSource",
+    "HintLoss",
     "InProcessTeacher",
     "KDLoss",
     "KnowledgeSource",
@@ -58,8 +62,10 @@ __all__ = [
     "OutputSpec",
     "PoolConfig",
     "PoolStats",
+    "RKDLoss",
     "ReaderStats",
     "RecordResult",
+    "SimilarityPreservingLoss",
     "SourceClosedError",
     "SourceRequest",
     "SourceStats",
@@ -72,11 +78,16 @@ __all__ = [
     "TeacherStats",
     "TopK",
     "WeightedLoss",
+    "attention_transfer_loss",
+    "hint_loss",
     "kd_loss",
     "record",
+    "rkd_loss",
+    "similarity_preserving_loss",
 ]
 
 _LAZY = {
+    "AttentionTransferLoss": "losses",
     "CELoss": "losses",
     "CachedTeacher": "cache",
     "Dense": "outputs",
@@ -84,6 +95,7 @@ _LAZY = {
     "EnsembleSource": "compose",
     "ExponentialBackoff": "backoff",
     "FallbackSource": "compose",
+    "HintLoss": "losses",
     "InProcessTeacher": "sources",
     "KDLoss": "losses",
     "KnowledgeSource": "sources",
@@ -91,8 +103,10 @@ _LAZY = {
     "OutputSpec": "outputs",
     "PoolConfig": "config",
     "PoolStats": "stats",
+    "RKDLoss": "losses",
     "ReaderStats": "stats",
     "RecordResult": "recording",
+    "SimilarityPreservingLoss": "losses",
     "SourceRequest": "sources",
     "SourceStats": "stats",
     "TeacherCredentials": "credentials",
@@ -101,8 +115,12 @@ _LAZY = {
     "TeacherStats": "stats",
     "TopK": "outputs",
     "WeightedLoss": "losses",
+    "attention_transfer_loss": "losses",
+    "hint_loss": "losses",
     "kd_loss": "losses",
     "record": "recording",
+    "rkd_loss": "losses",
+    "similarity_preserving_loss": "losses",
 }
 
 if TYPE_CHECKING:
@@ -111,7 +129,9 @@ if TYPE_CHECKING:
     from .compose import EnsembleSource, FallbackSource
     from .config import PoolConfig
     from .credentials import TeacherCredentials
-    from .losses import CELoss, KDLoss, Loss, WeightedLoss, kd_loss
+    from .losses import (AttentionTransferLoss, CELoss, HintLoss, KDLoss, Loss, RKDLoss, SimilarityPreservingLoss,
+                         WeightedLoss, attention_transfer_loss, hint_loss, kd_loss, rkd_loss,
+                         similarity_preserving_loss)
     from .outputs import Dense, OutputSpec, TopK
     from .pool import TeacherPool
     from .reader import DistillReader

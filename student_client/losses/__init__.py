@@ -13,15 +13,24 @@ Modules, one family each (each loss cites its paper and gives its formula):
 
 * :mod:`.response` -- Hinton KD over dense or top-k answers (:func:`kd_loss`,
   :class:`KDLoss`) and the hard-label :class:`CELoss`.
+* :mod:`.feature` -- FitNets hints with a trainable regressor (:func:`hint_loss`,
+  :class:`HintLoss`) and attention transfer (:func:`attention_transfer_loss`,
+  :class:`AttentionTransferLoss`).
+* :mod:`.relation` -- relational KD (:func:`rkd_loss`, :class:`RKDLoss`) and
+  similarity-preserving KD (:func:`similarity_preserving_loss`,
+  :class:`SimilarityPreservingLoss`).
 * :mod:`.base` -- the protocol (:class:`Loss`) and :class:`WeightedLoss`.
 
-``sequence`` (token-level KL / JSD), ``feature`` (hints, attention transfer)
-and ``relation`` (RKD, similarity-preserving) follow the same protocol.
+``sequence`` (token-level KL / JSD) follows the same protocol.
 """
 
 from __future__ import annotations
 
 from .base import Loss, WeightedLoss
+from .feature import AttentionTransferLoss, HintLoss, attention_transfer_loss, hint_loss
+from .relation import RKDLoss, SimilarityPreservingLoss, rkd_loss, similarity_preserving_loss
 from .response import CELoss, KDLoss, kd_loss
 
-__all__ = ["CELoss", "KDLoss", "Loss", "WeightedLoss", "kd_loss"]
+__all__ = ["AttentionTransferLoss", "CELoss", "HintLoss", "KDLoss", "Loss", "RKDLoss", "SimilarityPreservingLoss",
+           "WeightedLoss", "attention_transfer_loss", "hint_loss", "kd_loss", "rkd_loss",
+           "similarity_preserving_loss"]
