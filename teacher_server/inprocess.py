@@ -63,7 +63,8 @@ class BackgroundTeacher:
         """Run ``coro`` on the server's loop from another thread and return its result."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
 
-    def swap_model(self, model: Any, version: str, *, timeout_s: float = 30.0) -> LoadedModel:
+    def swap_model(self, model: Any, version: str, *, timeout_s: float = 30.0,
+                   source: str = "<swapped-in module>") -> LoadedModel:
         """Serve ``model`` (a fresh module or a LoadedModel) as ``version`` from the next forward pass on.
 
         The warm-up runs in this thread; the reference swap runs on the
@@ -73,7 +74,7 @@ class BackgroundTeacher:
         from teacher_server.swap import install_model, prepare_model
 
         assert self.server is not None, "call start() first"
-        loaded = prepare_model(self.server, model)
+        loaded = prepare_model(self.server, model, source=source)  # source: names it in logs
 
         async def _install() -> None:
             install_model(self.server, loaded, version)
