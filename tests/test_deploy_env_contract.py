@@ -362,7 +362,7 @@ def test_client_commands_and_the_demo_read_no_flag_from_the_environment(monkeypa
                      ("EDISTILL_REGISTRY", "redis://r.example:6380/2"), ("EDISTILL_TEACHERS", "5")):
         monkeypatch.setenv(var, raw)
     health = _parse(["teacher", "health", "127.0.0.1:50051"])
-    assert (health.service, health.timeout_s, health.tls_ca) == ("", 5.0, None)
+    assert (health.health_service, health.timeout_s, health.tls_ca) == ("", 5.0, None)
     assert _parse(["teacher", "describe", "127.0.0.1:50051"]).timeout_s == 5.0
     demo = _parse(["demo"])
     assert (demo.registry, demo.teachers) == (None, 2)
