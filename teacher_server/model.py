@@ -417,6 +417,13 @@ def _load_pickled_module(path: str, dev: torch.device) -> tuple[Any, tuple]:
     try:
         obj = torch.load(path, map_location=dev, weights_only=False)
     except Exception as exc:
+        if isinstance(exc, AttributeError) and "'__main__'" in str(exc):
+            # torch.save(model) from a script stores the class as __main__.Name, which only that script defines.
+            raise ModelLoadError(
+                f"model file {path!r} was pickled from a script: its model class lives in that script's "
+                f"__main__ ({_first_line(exc)}), which the teacher cannot import; export it with "
+                "teacher_server.save_torchscript(model, path, ...) (or torch.export), or move the class into "
+                "a module and serve it as package.module:factory --checkpoint state_dict.pt") from exc
         raise ModelLoadError(f"model file {path!r} cannot be unpickled ({type(exc).__name__}: "
                              f"{_first_line(exc)}); it may be corrupt or need modules that are not installed") from exc
     if not isinstance(obj, torch.nn.Module):
