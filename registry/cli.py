@@ -1,7 +1,13 @@
-"""``edistill registry ls|watch``: tables of the live teachers in a registry.
+"""``edistill registry ls|watch|serve``: tables of the live teachers in a registry, and a registry to run.
 
 Thin: argument parsing and printing only; the reads are
-:func:`registry.discovery.fetch_service` and :func:`registry.discovery.list_services`.
+:func:`registry.discovery.fetch_service` and :func:`registry.discovery.list_services`,
+``serve`` is :func:`registry.standalone.serve_registry`.
+
+Exit codes: 0 success; 1 ``ls --service NAME`` found no live teacher of
+NAME (like grep finding nothing; the line names the services that have
+some) and ``watch`` never reached Redis; 2 an error (bad URL, Redis
+unreachable for ``ls``), printed as one line by the umbrella CLI.
 The registry URL comes from ``--registry`` or, so that a password need not
 appear on a command line (and in ``ps``), from ``$EDISTILL_REGISTRY``: the
 umbrella CLI sets that default, like every flag default from the environment,
@@ -25,7 +31,7 @@ from registry.discovery import ServiceView, fetch_service, list_services
 from registry.errors import RegistryConfigError
 from registry.urls import redact_url
 
-__all__ = ["add_commands", "cmd_ls", "cmd_watch", "fetch_views", "format_table"]
+__all__ = ["add_commands", "cmd_ls", "cmd_serve", "cmd_watch", "fetch_views", "format_table"]
 
 _COLUMNS = ("SERVICE", "ENDPOINT", "MODEL", "VERSION", "DEVICE", "LOAD", "REQ/S", "AGE")
 _CLEAR = "\x1b[H\x1b[2J"  # cursor home + clear screen (ANSI; any terminal emulator)
@@ -36,7 +42,7 @@ _LEGEND = ("columns: LOAD = requests in flight + queued at the teacher (as of it
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add ``registry ls`` and ``registry watch`` to the umbrella CLI."""
+    """Add ``registry ls``, ``registry watch`` and ``registry serve`` to the umbrella CLI."""
     parser = subparsers.add_parser("registry", help="inspect the teacher registry (Redis)")
     sub = parser.add_subparsers(dest="registry_command", required=True, metavar="SUBCOMMAND")
 
@@ -60,6 +66,19 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     watch.add_argument("--count", type=int, default=0, help="stop after this many refreshes (default: 0 = forever)")
     watch.set_defaults(func=cmd_watch)
 
+    serve = sub.add_parser(
+        "serve", help="run a registry (an embedded Redis) until SIGTERM or Ctrl-C; prints its URL on stdout",
+        description="Run an embedded Redis, with a password, as the registry of teachers that come and go "
+                    "(a `teacher serve --registry local` registry dies with its teacher). The URL printed on "
+                    "stdout reads the password from a 0600 file (?password_file=PATH), so it is safe on "
+                    "command lines and in logs.")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=0, help="port; 0 picks a free one (default: 0)")
+    serve.add_argument("--password-file", default=None, metavar="PATH",
+                       help="the password's file: an existing file's first line, or a new random one written "
+                            "there (0600) and kept; default: a fresh private file removed on exit")
+    serve.set_defaults(func=cmd_serve)
+
 
 def _url(args: argparse.Namespace) -> str:
     url = args.registry
@@ -68,7 +87,8 @@ def _url(args: argparse.Namespace) -> str:
     if url == "local":
         raise RegistryConfigError(
             "--registry local starts a private embedded Redis inside a teacher or the demo, which "
-            "this command cannot see; pass that Redis's URL (the teacher logs it) instead"
+            "this command cannot see; pass that Redis's URL (the teacher logs it) instead, or run "
+            "`edistill registry serve` for a registry of its own and use the URL it prints"
         )
     return url
 
@@ -126,12 +146,17 @@ def _bad_lines(views: Sequence[ServiceView]) -> list[str]:
 
 
 def cmd_ls(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    """``registry ls``: print the table once (or a line saying there are no live teachers). Returns 0."""
+    """``registry ls``: print the table once, or a line saying there are no live teachers.
+
+    Returns 0, or 1 when ``--service`` has no live teacher (the line then
+    names the services that have some).
+    """
     out = out or sys.stdout
     url = _url(args)
     client = connect(url)
     try:
         views = fetch_views(client, args.service)
+        others = list_services(client) if args.service and not any(v.teachers for v in views) else []
     except (redis_exc.RedisError, OSError) as exc:
         raise map_redis_error(exc, url, "listing teachers") from exc
     finally:
@@ -139,11 +164,40 @@ def cmd_ls(args: argparse.Namespace, out: TextIO | None = None) -> int:
     for line in _bad_lines(views):
         print(f"warning: {line}", file=sys.stderr)
     if not any(view.teachers for view in views):
-        scope = f"service {args.service!r}" if args.service else "any service"
-        print(f"no live teachers in {scope} at {redact_url(url)}", file=out)
-        return 0
+        if not args.service:
+            print(f"no live teachers in any service at {redact_url(url)}", file=out)
+            return 0
+        print(f"no live teachers in service {args.service!r} at {redact_url(url)}; "
+              f"{services_line(others)}", file=out)
+        return 1
     print(format_table(views), file=out)
     return 0
+
+
+def services_line(services: Sequence[str]) -> str:
+    """``"services with live teachers: a, b"`` (or that there are none)."""
+    if not services:
+        return "no service has live teachers there"
+    return f"services with live teachers: {', '.join(services)}"
+
+
+def cmd_serve(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """``registry serve``: an embedded Redis until SIGTERM/Ctrl-C; its URL is the first line on stdout."""
+    from registry.standalone import serve_registry
+
+    out = out or sys.stdout
+
+    def ready(url: str) -> None:
+        print(url, file=out, flush=True)
+
+    return serve_registry(host=args.host, port=args.port, password_file=args.password_file, on_ready=ready)
+
+
+def _watch_rc(reached: bool, url: str) -> int:
+    if reached:
+        return 0
+    print(f"edistill registry watch: never reached Redis at {redact_url(url)}", file=sys.stderr)
+    return 1
 
 
 def cmd_watch(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -158,13 +212,15 @@ def cmd_watch(args: argparse.Namespace, out: TextIO | None = None) -> int:
     views: list[ServiceView] = []
     status = ""
     refreshes = 0
+    reached = False  # Redis answered at least once
     try:
         while True:
             try:
                 views = fetch_views(client, args.service)
-                status = ""
+                status, reached = "", True
             except (redis_exc.RedisError, OSError) as exc:
-                status = f"registry unreachable, showing the last known teachers: {map_redis_error(exc, url, 'reading')}"
+                shown = "showing the last known teachers" if reached else "no teachers known yet, retrying"
+                status = f"registry unreachable, {shown}: {map_redis_error(exc, url, 'reading')}"
             rates: dict[str, float] = {}
             current: dict[str, tuple[float, int]] = {}
             for view in views:
@@ -186,10 +242,10 @@ def cmd_watch(args: argparse.Namespace, out: TextIO | None = None) -> int:
             out.flush()
             refreshes += 1
             if args.count and refreshes >= args.count:
-                return 0
+                return _watch_rc(reached, url)
             time.sleep(args.interval_s)
     except KeyboardInterrupt:
         out.write("\n")
-        return 0
+        return _watch_rc(reached, url)
     finally:
         client.close()

@@ -3,7 +3,10 @@
 :func:`connect` understands every URL that redis-py's ``from_url`` does:
 ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TLS; options
 such as ``?ssl_cert_reqs=required&ssl_ca_certs=/path`` in the query string)
-and ``unix:///path/to.sock``. For ``rediss://`` the CA that signed the Redis
+and ``unix:///path/to.sock``. One option is edistill's own:
+``?password_file=/path`` reads the password from that file (its first line),
+so a URL can be printed, logged and put on a command line without the
+secret (``edistill registry serve`` prints such a URL). For ``rediss://`` the CA that signed the Redis
 server's certificate comes from the URL (``?ssl_ca_certs=/path/ca.pem``) or,
 when the URL names none, from ``$EDISTILL_REDIS_CA`` (:data:`REDIS_CA_ENV`),
 so one URL works on machines that keep the CA in different places; without
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import os
 import ssl
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, parse_qsl, quote, urlencode, urlsplit
 
 import redis
 from redis import exceptions as redis_exc
@@ -32,11 +35,12 @@ from registry.errors import (
     RegistryError,
     RegistryUnavailableError,
 )
-from registry.urls import _ambiguous_userinfo, redact_url, scrub
+from registry.urls import _ambiguous_userinfo, redact_url, scrub, url_password
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT_S",
     "DEFAULT_SOCKET_TIMEOUT_S",
+    "PASSWORD_FILE_OPTION",
     "REDIS_CA_ENV",
     "REGISTRY_URL_ENV",
     "connect",
@@ -49,6 +53,8 @@ __all__ = [
 REGISTRY_URL_ENV = "EDISTILL_REGISTRY"
 # PEM CA bundle for rediss:// URLs that carry no ?ssl_ca_certs= of their own.
 REDIS_CA_ENV = "EDISTILL_REDIS_CA"
+# URL query option (ours, removed before redis-py sees the URL): read the password from this file.
+PASSWORD_FILE_OPTION = "password_file"
 
 # Long enough for a busy Redis across a datacenter, short enough that a
 # heartbeat (1 s default) notices an outage within a couple of beats.
@@ -60,7 +66,8 @@ DEFAULT_HEALTH_CHECK_INTERVAL_S = 10
 
 _LOCAL_HINT = (
     "'local' means an embedded Redis started by this process (e.g. `edistill teacher "
-    "serve --registry local`); here give the URL of a running Redis, e.g. redis://HOST:6379/0"
+    "serve --registry local`); here give the URL of a running Redis, e.g. redis://HOST:6379/0, or the "
+    "URL that `edistill registry serve` prints"
 )
 
 
@@ -94,7 +101,8 @@ def connect(
         raise RegistryConfigError(
             f"the Redis URL {redact_url(url)!r} has an '@' after its host part: a password (or user) "
             "containing '/', '?' or '#' must be percent-escaped, e.g. urllib.parse.quote(password, safe='')")
-    extra = _tls_options(url)
+    url, extra = _password_file_option(url)
+    extra.update(_tls_options(url))
     try:
         return redis.Redis.from_url(
             url,
@@ -109,6 +117,37 @@ def connect(
             f"invalid Redis URL {redact_url(url)!r}: {scrub(str(exc), url)}; expected "
             "redis://[[user]:password@]host[:port][/db], rediss://... or unix:///path"
         ) from exc
+
+
+def _password_file_option(url: str) -> tuple[str, dict]:
+    """``url`` without ``?password_file=PATH`` and ``{"password": <its first line>}`` (else ``url, {}``)."""
+    try:
+        parts = urlsplit(url)
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+    except ValueError:
+        return url, {}  # from_url reports the bad URL
+    paths = [v for k, v in pairs if k == PASSWORD_FILE_OPTION]
+    if not paths:
+        return url, {}
+    shown = redact_url(url)
+    if len(paths) > 1 or not paths[0]:
+        raise RegistryConfigError(f"the Redis URL {shown!r} needs exactly one non-empty ?{PASSWORD_FILE_OPTION}=PATH")
+    if url_password(url):
+        raise RegistryConfigError(f"the Redis URL {shown!r} has both a password and ?{PASSWORD_FILE_OPTION}=; "
+                                  "keep one of them")
+    path = paths[0]
+    try:
+        with open(path, encoding="utf-8") as f:
+            password = f.readline().rstrip("\r\n")
+    except OSError as exc:
+        raise RegistryConfigError(f"cannot read the Redis password file {path!r} (?{PASSWORD_FILE_OPTION}= in "
+                                  f"{shown!r}): {exc.strerror}; check the path and that this user may read it") from None
+    if not password:
+        raise RegistryConfigError(f"the Redis password file {path!r} is empty; its first line is the password")
+    rest = urlencode([(k, v) for k, v in pairs if k != PASSWORD_FILE_OPTION], quote_via=quote)
+    # By hand: urlunsplit drops the empty authority of unix:///path.
+    base = f"{parts.scheme}://{parts.netloc}{parts.path}" + (f"?{rest}" if rest else "")
+    return base + (f"#{parts.fragment}" if parts.fragment else ""), {"password": password}
 
 
 def _tls_options(url: str) -> dict:

@@ -221,19 +221,27 @@ class TeacherRegistration:
             logger.info("%s: serving again, registering", self._who)
             self._wake.set()
 
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Stop heartbeats, deregister (best effort) and publish a leave event. Idempotent."""
+    def close(self, timeout_s: float = 5.0) -> bool:
+        """Stop heartbeats, deregister (best effort) and publish a leave event. Idempotent.
+
+        Returns True if this call removed the entry from Redis; False if it
+        could not (Redis unreachable: a warning was logged and the entry
+        expires within one TTL) or there was nothing to remove (already
+        closed, or not serving).
+        """
         if self._closing:
-            return
+            return False
         self._closing = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        removed = False
         with self._io_lock:
             if self._serving:
-                self._deregister_locked("closing")
+                removed = self._deregister_locked("closing")
             self._serving = False
         self._client.close()
+        return removed
 
     def __enter__(self) -> "TeacherRegistration":
         """Start (unless already started); :meth:`close` on exit."""
@@ -291,8 +299,8 @@ class TeacherRegistration:
             else:
                 logger.info("%s: registered (heartbeat %gs, ttl %gs)", self._who, self._heartbeat_s, self._ttl_ms / 1000)
 
-    def _deregister_locked(self, why: str) -> None:
-        """Remove our entry and publish a leave event. Caller holds _io_lock. Never raises."""
+    def _deregister_locked(self, why: str) -> bool:
+        """Remove our entry and publish a leave event; True if done. Caller holds _io_lock. Never raises."""
         self._registered = False
         record = self.record
         try:
@@ -302,9 +310,11 @@ class TeacherRegistration:
             pipe.publish(self._channel, _event("leave", record))
             pipe.execute()
             logger.info("%s: deregistered (%s)", self._who, why)
+            return True
         except (redis_exc.RedisError, OSError) as exc:
             error = map_redis_error(exc, self._url, "deregistering")
             logger.warning("%s: %s; the entry expires by itself within %gs", self._who, error, self._ttl_ms / 1000)
+            return False
 
     def _publish(self, event: str, record: TeacherRecord) -> None:
         # A lost event only delays watchers until their next poll.

@@ -83,7 +83,7 @@ def redact_url(url: str) -> str:
 
 
 # redis-py URL options whose values may legitimately contain "@" (file paths, names).
-_AT_OK_QUERY_KEYS = frozenset({"ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "client_name"})
+_AT_OK_QUERY_KEYS = frozenset({"password_file", "ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "client_name"})
 
 
 def _ambiguous_userinfo(url: str) -> bool:

@@ -110,7 +110,11 @@ def add_teacher_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("health", help="standard gRPC health check; exit 0 only when SERVING")
     p.add_argument("address", help="HOST:PORT")
     p.add_argument("--timeout-s", type=float, default=5.0)
-    p.add_argument("--service", default="", help="service name to check (default: the whole server)")
+    p.add_argument("--health-service", default="", metavar="GRPC_SERVICE",
+                   help="gRPC health-check service to ask about, e.g. edistill.v1.Teacher (default: '', the whole "
+                        "server); not the registry service (`registry ls --service`)")
+    # Deprecated alias (kept so existing probes keep working): it read like the registry service.
+    p.add_argument("--service", dest="deprecated_service", default=None, help=argparse.SUPPRESS)
     _add_client_security_flags(p)
     p.set_defaults(func=cmd_health)
 
@@ -189,10 +193,13 @@ def _preflight(args: argparse.Namespace, config: TeacherConfig) -> str | None:
     """Check what is cheap to check before the model loads (that can take minutes on a GPU).
 
     Returns the registry service name (None without ``--registry``). Raises
-    ConfigError naming the flag: a registry URL redis-py cannot parse (no I/O
+    ConfigError naming the flag: a taken ``--port``, a registry URL redis-py cannot parse (no I/O
     yet), a bad ``--service``, unreadable or mismatched TLS PEM files, an
     unreadable or empty token file.
     """
+    from teacher_server.ports import check_port_free
+
+    check_port_free(config.host, config.port, config.bind_address)  # before a model load that may take minutes
     service = None
     if args.registry:
         from registry.errors import RegistryConfigError
@@ -338,13 +345,23 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    """Print the health status; 0 if SERVING, 1 otherwise (including unreachable)."""
+    """Print the health status; 0 if SERVING, 1 otherwise (NOT_SERVING, NOT_FOUND, unreachable)."""
+    service = args.health_service
+    if args.deprecated_service is not None:
+        print("edistill teacher health: warning: --service is deprecated here (it names a gRPC health service, "
+              "not a registry service); use --health-service", file=sys.stderr)
+        service = service or args.deprecated_service
     with _channel(args) as channel:
         try:
             resp = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout_s)
+                health_pb2.HealthCheckRequest(service=service), timeout=args.timeout_s)
         except grpc.RpcError as exc:
-            print(f"UNREACHABLE {args.address}: {exc.code().name}: {exc.details()}")
+            if exc.code() == grpc.StatusCode.NOT_FOUND:  # the server answered: it is up
+                print(f"NOT_FOUND {args.address}: the server is up but has no health status for gRPC service "
+                      f"{service!r}; --health-service takes a gRPC service name (edistill.v1.Teacher, or omit it "
+                      "for the whole server), not a registry service name")
+            else:
+                print(f"UNREACHABLE {args.address}: {exc.code().name}: {exc.details()}")
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
     print(status)

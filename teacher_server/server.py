@@ -39,6 +39,7 @@ from teacher_server.errors import ConfigError
 from teacher_server.local import LocalListener, resolve_socket_path
 from teacher_server.metrics import TeacherMetrics
 from teacher_server.model import LoadedModel
+from teacher_server.ports import WILDCARD_HOSTS as _WILDCARD_HOSTS, check_port_free
 from teacher_server.security import DecodeGuardInterceptor
 from teacher_server.servicer import SERVER_VERSION, TeacherServicer
 from teacher_server.tls import server_credentials
@@ -53,7 +54,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Teacher"].full_name
 #: A lifecycle hook: called with the advertised ``host:port``.
 Hook = Callable[[str], "Awaitable[None] | None"]
 
-_WILDCARD_HOSTS = {"0.0.0.0", "::", "[::]", ""}
 
 
 def _server_options(config: TeacherConfig) -> list[tuple[str, int]]:
@@ -135,6 +135,7 @@ class TeacherServer:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server)
         creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if cfg.tls_cert else None
+        check_port_free(cfg.host, cfg.port, cfg.bind_address)  # one clear line instead of gRPC's bind error log
         try:
             port = (server.add_secure_port(cfg.bind_address, creds) if creds is not None
                     else server.add_insecure_port(cfg.bind_address))
@@ -221,7 +222,10 @@ class TeacherServer:
         await asyncio.shield(self._stopping)
 
     async def _stop(self, grace_s: float) -> None:
-        log.info("teacher %s draining (grace %.1fs)", self.teacher_id, grace_s)
+        # A server that never bound (port in use, bad TLS files) has nothing to drain: say nothing
+        # at INFO, so the startup error is the one line a user sees.
+        (log.info if self._server is not None else log.debug)("teacher %s draining (grace %.1fs)",
+                                                              self.teacher_id, grace_s)
         # Load balancers and health probes see NOT_SERVING before we stop accepting.
         await self.health.enter_graceful_shutdown()
         if self.local is not None:
@@ -247,7 +251,7 @@ class TeacherServer:
             await self.batcher.close()
         if self.metrics is not None:
             self.metrics.close()
-        log.info("teacher %s stopped", self.teacher_id)
+        (log.info if self._server is not None else log.debug)("teacher %s stopped", self.teacher_id)
 
     async def wait_for_termination(self) -> None:
         """Wait until the gRPC server has terminated."""

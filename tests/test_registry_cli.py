@@ -82,7 +82,33 @@ def test_ls_and_watch_take_only_the_url_from_the_environment(fleet, monkeypatch)
 
 def test_ls_says_when_there_are_no_teachers(redis_server):
     rc, out = run("ls", "--registry", redis_server.url, "--service", "nobody")
-    assert rc == 0 and "no live teachers in service 'nobody'" in out
+    assert rc == 1 and "no live teachers in service 'nobody'" in out and "no service has live teachers" in out
+    rc, out = run("ls", "--registry", redis_server.url)
+    assert rc == 0 and "no live teachers in any service" in out
+
+
+def test_ls_of_a_missing_service_names_the_services_that_exist_and_exits_1(fleet):
+    url, _ = fleet
+    rc, out = run("ls", "--registry", url, "--service", "imagenet-r10")  # a typo
+    assert rc == 1
+    assert "no live teachers in service 'imagenet-r10'" in out
+    assert "services with live teachers: bert-base, imagenet-r101" in out
+
+
+def test_watch_exits_1_when_it_never_reached_redis(redis_server, capsys):
+    url = redis_server.url
+    redis_server.stop()
+    rc, out = run("watch", "--registry", url, "--interval-s", "0.05", "--count", "2")
+    assert rc == 1
+    assert "no teachers known yet" in out and "showing the last known teachers" not in out
+    assert "never reached Redis" in capsys.readouterr().err
+
+
+def test_watch_that_saw_redis_once_exits_0_and_keeps_the_last_teachers(fleet):
+    url, _ = fleet
+    args = parse("watch", "--registry", url, "--interval-s", "0.05", "--count", "1")
+    out = io.StringIO()
+    assert args.func(args, out=out) == 0 and "3 live teacher(s)" in out.getvalue()
 
 
 def test_ls_with_local_or_no_registry_is_a_clear_error(monkeypatch):
