@@ -47,6 +47,7 @@ from registry.connection import server_time_ms
 from student_client import DistillReader, NoTeacherAvailableError, PoolConfig, TeacherPool
 from tests.helpers.redis_proc import pid_alive, wait_until
 from tests.helpers.teacher_proc import TeacherProcess
+from tests.helpers.transports import TRANSPORTS, wait_for_transport
 
 LATENCY = "teacher_server.zoo:latency"
 SERVICE = "elastic"
@@ -125,21 +126,6 @@ def registry_reader(url: str, n_or_loader, *, poll_s: float | None = None, local
     with TeacherPool.from_registry(url, SERVICE, poll_s=poll_s, config=config) as pool, \
             DistillReader(data, pool, teacher_input=lambda b: b, **kwargs) as reader:
         yield reader
-
-
-def wait_for_transport(pool: TeacherPool, endpoints: set[str], local_transport: str) -> None:
-    """Until the pool reaches every one of ``endpoints`` over the transport under test.
-
-    "auto": these teachers run on this host, so the pool switches each to its
-    Unix socket; "off": gRPC, the path of every teacher on another machine.
-    """
-    want = "local" if local_transport == "auto" else "grpc"
-    wait_until(lambda: {a for a, t in pool.stats().teachers.items() if t.transport == want} >= endpoints,
-               timeout_s=20, what=f"the pool to reach {sorted(endpoints)} over {want}")
-
-
-#: The real-process fault tests run over both transports between a student and a teacher.
-TRANSPORTS = pytest.mark.parametrize("local_transport", ["auto", "off"], ids=["same-host", "grpc"])
 
 
 @pytest.fixture
