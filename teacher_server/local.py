@@ -116,6 +116,9 @@ class LocalListener:
         self.tokens = tokens
         self.metrics = metrics
         self.hello_timeout_s = HELLO_TIMEOUT_S if hello_timeout_s is None else hello_timeout_s
+        # Peers must run as this uid (SO_PEERCRED): the teacher's own. An attribute, like
+        # hello_timeout_s, so a test can play "another user's student" without root.
+        self.peer_uid = os.geteuid()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.draining = False
         self._sock: socket.socket | None = None
@@ -197,9 +200,9 @@ class LocalListener:
             return
         # SO_PEERCRED reports the peer's effective uid at connect(), which is
         # what file permissions were checked against: compare with ours.
-        if uid != os.geteuid():
+        if uid != self.peer_uid:
             log.warning("local socket %s: refused pid %d running as uid %d (this teacher runs as uid %d)",
-                        self.path, pid, uid, os.geteuid())
+                        self.path, pid, uid, self.peer_uid)
             sock.close()
             return
         conn = Connection(self, sock, pid)
