@@ -417,7 +417,7 @@ def _load_pickled_module(path: str, dev: torch.device) -> tuple[Any, tuple]:
     try:
         obj = torch.load(path, map_location=dev, weights_only=False)
     except Exception as exc:
-        if isinstance(exc, AttributeError) and "'__main__'" in str(exc):
+        if isinstance(exc, AttributeError) and "__main__" in str(exc):
             # torch.save(model) from a script stores the class as __main__.Name, which only that script defines.
             raise ModelLoadError(
                 f"model file {path!r} was pickled from a script: its model class lives in that script's "

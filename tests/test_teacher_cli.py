@@ -104,3 +104,31 @@ def test_client_missing_ca_names_the_flag(capsys, command: str) -> None:
 def test_client_half_a_key_pair_is_an_error_not_plaintext(capsys, command: str, flag: str) -> None:
     code, err = _run(capsys, command, "127.0.0.1:1", flag, "/some/file.pem", "--timeout-s", "1")
     assert code == 2 and "--tls-cert and --tls-key go together" in err and f"got only {flag}" in err, err
+
+
+def test_a_taken_port_is_one_line_before_the_model_loads(capsys) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, err = _serve(capsys, "--port", str(port))
+    assert code == 2 and SENTINEL not in err, err
+    assert err == (f"edistill teacher serve: error: cannot listen on 127.0.0.1:{port}: port {port} is in use "
+                   "(another teacher or program listens there); choose another --port, or --port 0 for a free one")
+
+
+def test_health_names_not_found_and_the_flag_is_the_grpc_health_service(capsys) -> None:
+    from teacher_server import BackgroundTeacher, LoadedModel, TeacherConfig, zoo
+
+    with BackgroundTeacher(TeacherConfig(local_socket="off"), LoadedModel.from_module(zoo.mlp())) as teacher:
+        assert cli.main(["health", teacher.address, "--health-service", "edistill.v1.Teacher"]) == 0
+        assert capsys.readouterr().out.strip() == "SERVING"
+        # A registry service name where the gRPC health service goes: the server is up, so not UNREACHABLE.
+        assert cli.main(["health", teacher.address, "--health-service", "imagenet-r101"]) == 1
+        out = capsys.readouterr().out
+        assert out.startswith(f"NOT_FOUND {teacher.address}: the server is up") and "UNREACHABLE" not in out
+        assert cli.main(["health", teacher.address, "--service", "edistill.v1.Teacher"]) == 0  # deprecated alias
+        captured = capsys.readouterr()
+        assert captured.out.strip() == "SERVING" and "--service is deprecated here" in captured.err
