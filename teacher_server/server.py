@@ -27,7 +27,6 @@ from typing import Awaitable, Callable, Iterable
 import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from protos.edistill.v1 import teacher_pb2 as pb
@@ -36,6 +35,7 @@ from teacher_server.batcher import DynamicBatcher
 from teacher_server.config import TeacherConfig
 from teacher_server.auth import AuthInterceptor, TokenSet
 from teacher_server.errors import ConfigError
+from teacher_server.health import HealthServicer
 from teacher_server.local import LocalListener, resolve_socket_path
 from teacher_server.metrics import TeacherMetrics
 from teacher_server.model import LoadedModel
@@ -93,7 +93,7 @@ class TeacherServer:
         self.metrics: TeacherMetrics | None = None
         self.port: int | None = None
         self.batcher: DynamicBatcher | None = None
-        self.health = health_aio.HealthServicer()
+        self.health = HealthServicer()  # grpc's, with Watch streams that end at shutdown
         # The same-host transport's socket (teacher_server.local), when offered.
         self.local: LocalListener | None = None
         # The Teacher servicer, once started (teacher_server.swap replaces its model).
