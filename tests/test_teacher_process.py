@@ -116,6 +116,37 @@ def test_sigterm_drains_in_flight_requests_and_exits_0() -> None:
         assert "received SIGTERM" in log and "stopped" in log
 
 
+def test_sigterm_health_says_not_serving_while_draining_and_a_watcher_does_not_hold_the_exit() -> None:
+    # 500 ms per pass of two samples: 8 one-sample requests take 2 s, so they are still
+    # being answered when health turns NOT_SERVING. grace_s 120: an open Health/Watch
+    # stream is an in-flight RPC and used to hold the exit for all of it.
+    health_req = health_pb2.HealthCheckRequest(service="edistill.v1.Teacher")
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    with TeacherProcess("teacher_server.zoo:latency", "--model-kwargs", '{"delay_ms": 500}', "--max-batch-size", "2",
+                        "--max-queue-delay-ms", "0", "--grace-s", "120") as proc:
+        with grpc.insecure_channel(proc.address) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            watch = health.Watch(health_req, timeout=TIMEOUT_S)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            events: list[str] = []  # in the order they happened, from the threads that saw them
+            futures = [pb_grpc.TeacherStub(ch).Predict.future(_request([i]), timeout=TIMEOUT_S) for i in range(8)]
+            for f in futures:
+                f.add_done_callback(lambda _: events.append("answer"))
+            next(concurrent.futures.as_completed([_as_cf(f) for f in futures])).result()  # the server holds all 8
+            proc.send_signal(signal.SIGTERM)
+            statuses = [r.status for r in watch]  # to the end of the stream: it must end, with OK
+            events.append("NOT_SERVING" if not_serving in statuses else "no NOT_SERVING")
+            try:  # a new check while it drains is never SERVING: NOT_SERVING, or refused
+                assert health.Check(health_req, timeout=TIMEOUT_S).status == not_serving
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+            answered = [_ids(f.result()) for f in futures]
+        assert statuses and set(statuses) == {not_serving}
+        assert "answer" in events[events.index("NOT_SERVING"):], f"NOT_SERVING only after the drain: {events}"
+        assert answered == [[i] for i in range(8)]
+        assert proc.wait(timeout=60) == 0  # well within grace_s: the watcher did not hold the drain
+
+
 def _as_cf(call: grpc.Future) -> concurrent.futures.Future:
     """Adapt a grpc future to concurrent.futures for as_completed."""
     cf: concurrent.futures.Future = concurrent.futures.Future()
