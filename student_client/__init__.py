@@ -18,6 +18,9 @@ torch/grpc are loaded only when used):
   losses that say which teacher outputs they need (:mod:`student_client.losses`).
 * :class:`Dense`, :class:`TopK` — dense and sparse teacher answers, carrying
   their transform and temperature.
+* recipes (:mod:`student_client.recipes`): :class:`Codistillation` over a
+  :class:`PeerSource`, :class:`DeepMutualLearning`, :class:`DecoupledMeanTeacher`,
+  :class:`BornAgain`, :class:`PSKD` over :class:`PastPredictions`, :class:`BYOT`.
 * the error tree rooted at :class:`StudentError` (see :mod:`student_client.errors`).
 """
 
@@ -42,12 +45,18 @@ from .errors import (
 __all__ = [
     "AnswerMissingError",
     "AttentionTransferLoss",
+    "BYOT",
+    "BornAgain",
     "CELoss",
     "CacheCorruptError",
     "CacheError",
     "CacheMismatchError",
     "CachedTeacher",
+    "CodistillConfig",
+    "Codistillation",
     "ConfigError",
+    "DecoupledMeanTeacher",
+    "DeepMutualLearning",
     "Dense",
     "DistillReader",
     "EnsembleSource",
@@ -60,6 +69,9 @@ __all__ = [
     "Loss",
     "NoTeacherAvailableError",
     "OutputSpec",
+    "PSKD",
+    "PastPredictions",
+    "PeerSource",
     "PoolConfig",
     "PoolStats",
     "RKDLoss",
@@ -88,8 +100,14 @@ __all__ = [
 
 _LAZY = {
     "AttentionTransferLoss": "losses",
+    "BYOT": "recipes",
+    "BornAgain": "recipes",
     "CELoss": "losses",
     "CachedTeacher": "cache",
+    "CodistillConfig": "recipes",
+    "Codistillation": "recipes",
+    "DecoupledMeanTeacher": "recipes",
+    "DeepMutualLearning": "recipes",
     "Dense": "outputs",
     "DistillReader": "reader",
     "EnsembleSource": "compose",
@@ -101,6 +119,9 @@ _LAZY = {
     "KnowledgeSource": "sources",
     "Loss": "losses",
     "OutputSpec": "outputs",
+    "PSKD": "recipes",
+    "PastPredictions": "recipes",
+    "PeerSource": "recipes",
     "PoolConfig": "config",
     "PoolStats": "stats",
     "RKDLoss": "losses",
@@ -124,6 +145,8 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from .recipes import (BYOT, PSKD, BornAgain, CodistillConfig, Codistillation, DecoupledMeanTeacher,
+                          DeepMutualLearning, PastPredictions, PeerSource)
     from .backoff import ExponentialBackoff
     from .cache import CachedTeacher, TeacherInfo
     from .compose import EnsembleSource, FallbackSource
