@@ -162,14 +162,15 @@ def _mlp(g: int) -> nn.Module:
     return net
 
 
-@pytest.mark.parametrize("teacher", ["in-process", "service"])
-def test_born_again_generation_learns_from_the_previous_ones_frozen_weights(teacher: str) -> None:
+@pytest.mark.parametrize("teacher", ["in-process", "service", "cache"])
+def test_born_again_generation_learns_from_the_previous_ones_frozen_weights(teacher: str, tmp_path) -> None:
     torch.manual_seed(0)
     x = torch.randn(64, 6)
     y = torch.randint(0, C, (64,))
-    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
     trained = []
-    with BornAgain(_mlp, generations=3, teacher=teacher) as ban:
+    with BornAgain(_mlp, generations=3, teacher=teacher, cache_dir=tmp_path,
+                   record_loader=DataLoader(TensorDataset(x, y), batch_size=32)) as ban:
         for gen in ban:
             opt = torch.optim.SGD(gen.model.parameters(), lr=0.1)
             with DistillReader(loader, gen.source) as reader:
@@ -188,3 +189,5 @@ def test_born_again_generation_learns_from_the_previous_ones_frozen_weights(teac
                         opt.step()
             trained.append(gen.model)
     assert len(trained) == 3 and len({id(m) for m in trained}) == 3
+    if teacher == "cache":  # each teacher generation was recorded once, then read back
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["generation-0", "generation-1"]

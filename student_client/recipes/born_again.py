@@ -15,8 +15,11 @@ the student through an ordinary source, so a generation can be:
 * ``teacher="service"``: a real teacher server (a
   :class:`~teacher_server.inprocess.BackgroundTeacher` on loopback) and a
   :class:`~student_client.pool.TeacherPool`, exactly what a remote teacher is;
-* any callable ``(model_g, g) -> KnowledgeSource``, e.g. one that records
-  generation g's answers with ``edistill record`` and returns the cache.
+* ``teacher="cache"``: generation g's answers recorded once over
+  ``record_loader`` (:func:`~student_client.recording.record`, by sample key)
+  into ``cache_dir/generation-g``, then read back by a
+  :class:`~student_client.cache.CachedTeacher` (no teacher runs while g+1 trains);
+* any callable ``(model_g, g) -> KnowledgeSource``.
 
 Usage (one loop for every generation; generation 0's source answers ``{}``)::
 
@@ -83,21 +86,29 @@ class BornAgain:
         generations: how many generations to train (>= 1; 1 is plain training).
         loss: the loss of generations >= 1 (a :class:`Loss`, whose ``needs``
             say what to ask the teacher for); default ``KDLoss(1.0) + CELoss()``.
-        teacher: ``"in-process"``, ``"service"`` or ``callable(model, g) -> KnowledgeSource``.
+        teacher: ``"in-process"``, ``"service"``, ``"cache"`` or ``callable(model, g) -> KnowledgeSource``.
         inputs: the models' input signature, for ``teacher="service"``
             (default ``model.edistill_inputs``).
+        cache_dir / record_loader: for ``teacher="cache"``: where to record
+            and the loader to record over (the training data: its sample keys
+            must be the ones the training loader gives).
 
     A generation's teacher is the model the previous iteration yielded, frozen
     when the next generation is requested (so train it inside the loop body).
     """
 
     def __init__(self, make_model: Callable[[int], Any], generations: int, *, loss: Loss | None = None,
-                 teacher: str | Callable[[Any, int], KnowledgeSource] = "in-process", inputs: Any = None) -> None:
+                 teacher: str | Callable[[Any, int], KnowledgeSource] = "in-process", inputs: Any = None,
+                 cache_dir: Any = None, record_loader: Any = None) -> None:
         if isinstance(generations, bool) or not isinstance(generations, int) or generations < 1:
             raise ConfigError(f"generations must be an int >= 1, got {generations!r}")
-        if not (callable(teacher) or teacher in ("in-process", "service")):
-            raise ConfigError(f"teacher must be 'in-process', 'service' or a callable(model, g) -> source, "
+        if not (callable(teacher) or teacher in ("in-process", "service", "cache")):
+            raise ConfigError(f"teacher must be 'in-process', 'service', 'cache' or a callable(model, g) -> source, "
                               f"got {teacher!r}")
+        if teacher == "cache" and (cache_dir is None or record_loader is None):
+            raise ConfigError("teacher='cache' records each generation's answers: pass cache_dir= (a directory) "
+                              "and record_loader= (a loader over the training data)")
+        self._cache_dir, self._record_loader = cache_dir, record_loader
         self._make = make_model
         self.generations = generations
         self.loss = loss if loss is not None else KDLoss(temperature=1.0) + CELoss()
@@ -125,6 +136,8 @@ class BornAgain:
             gen.source = self._teacher(frozen, g - 1)
         elif self._teacher == "in-process":
             gen.source = InProcessTeacher(frozen, self.loss)
+        elif self._teacher == "cache":
+            gen.source = self._recorded(frozen, g - 1)
         else:
             from teacher_server import BackgroundTeacher, LoadedModel, TeacherConfig
 
@@ -141,6 +154,18 @@ class BornAgain:
             gen.source.wait_for_teachers(1, timeout_s=30.0)
         gen._closers.insert(0, gen.source.close)
         return gen
+
+    def _recorded(self, frozen: Any, g: int) -> KnowledgeSource:
+        """Record generation ``g``'s answers over ``record_loader``; the cache that holds them."""
+        import pathlib
+
+        from ..cache import CachedTeacher, TeacherInfo
+        from ..recording import record
+
+        directory = pathlib.Path(self._cache_dir) / f"generation-{g}"
+        with InProcessTeacher(frozen, self.loss) as live:
+            record(self._record_loader, live, directory, teacher=TeacherInfo(f"born-again-g{g}", str(g)))
+        return CachedTeacher(directory, outputs=self.loss, model_version=str(g))
 
     def close(self) -> None:
         """Close the last generation's teacher."""
