@@ -18,46 +18,26 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .born_again import BornAgain, Generation
+from .byot import BYOT, BYOTOutput
+from .codistill import CodistillConfig, Codistillation
+from .dml import DeepMutualLearning
+from .mean_teacher import DecoupledMeanTeacher
+from .peers import PeerSource, PeerSourceStats, PeerStats
+from .pskd import PSKD, PastPredictions
 
 __all__ = [
     "BYOT",
+    "BYOTOutput",
     "BornAgain",
     "CodistillConfig",
     "Codistillation",
     "DecoupledMeanTeacher",
     "DeepMutualLearning",
+    "Generation",
     "PSKD",
     "PastPredictions",
     "PeerSource",
     "PeerSourceStats",
     "PeerStats",
 ]
-
-_LAZY = {
-    "BYOT": "byot",
-    "BornAgain": "born_again",
-    "CodistillConfig": "codistill",
-    "Codistillation": "codistill",
-    "DecoupledMeanTeacher": "mean_teacher",
-    "DeepMutualLearning": "dml",
-    "PSKD": "pskd",
-    "PastPredictions": "pskd",
-    "PeerSource": "peers",
-    "PeerSourceStats": "peers",
-    "PeerStats": "peers",
-}
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'student_client.recipes' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))

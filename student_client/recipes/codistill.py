@@ -45,6 +45,10 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+import torch
+
+from protos.outputs import name_outputs
+
 from ..errors import ConfigError
 from ..losses import CELoss, KDLoss
 from .peers import VERSION_OUTPUT, PeerSource, PeerSourceStats, encode_version
@@ -118,38 +122,24 @@ class CodistillConfig:
             raise ConfigError(f"need ttl_s > heartbeat_s > 0, got ttl_s={self.ttl_s} heartbeat_s={self.heartbeat_s}")
 
 
-def _snapshot_class() -> type:
-    import torch
+class Snapshot(torch.nn.Module):
+    """A frozen copy of a peer's model that also answers the step it was taken at.
 
-    from protos.outputs import name_outputs
+    Outputs the model's own (named as a teacher names them) plus ``version``
+    (``(B, 2)``, :func:`~student_client.recipes.peers.encode_version`),
+    computed in the same forward pass, so every answer names the weights
+    that produced it.
+    """
 
-    class Snapshot(torch.nn.Module):
-        """A frozen copy of a peer's model that also answers the step it was taken at.
+    def __init__(self, model: torch.nn.Module, step: int) -> None:
+        super().__init__()
+        self.model = model
+        self.step = int(step)
 
-        Outputs the model's own (named as a teacher names them) plus
-        ``version`` (``(B, 2)``, :func:`~student_client.recipes.peers.encode_version`),
-        computed in the same forward pass, so every answer names the weights
-        that produced it.
-        """
-
-        def __init__(self, model: torch.nn.Module, step: int) -> None:
-            super().__init__()
-            self.model = model
-            self.step = int(step)
-
-        def forward(self, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-            named = dict(name_outputs(self.model(*inputs)))
-            named[VERSION_OUTPUT] = encode_version(self.step, inputs[0].shape[0])  # (B, 2)
-            return named
-
-    return Snapshot
-
-
-def __getattr__(name: str) -> Any:
-    if name == "Snapshot":  # built on first use, so importing this module does not import torch
-        globals()["Snapshot"] = cls = _snapshot_class()
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def forward(self, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        named = dict(name_outputs(self.model(*inputs)))
+        named[VERSION_OUTPUT] = encode_version(self.step, inputs[0].shape[0])  # (B, 2)
+        return named
 
 
 class Codistillation:
@@ -283,10 +273,8 @@ class Codistillation:
 
     def _snapshot(self, step: int) -> Any:
         """A fresh copy of the weights at ``step``, for serving (the trained module itself is never served)."""
-        from . import codistill
-
         snap = copy.deepcopy(self.model).to(self.config.serve_device).eval()
-        return codistill.Snapshot(snap, step)
+        return Snapshot(snap, step)
 
     def wait_for_peers(self, n: int = 1, timeout_s: float = 60.0) -> list[str]:
         """Block until ``n`` other peers have joined the group (NoTeacherAvailableError after ``timeout_s``)."""
