@@ -10,6 +10,11 @@ permission, or events lost during a reconnect).
 While Redis is unreachable the watcher keeps the last known set (a warning
 is logged once), keeps retrying every ``poll_s``, and resubscribes when Redis
 returns. Malformed records are skipped with one warning per teacher id.
+
+While the service has no live teacher, each read also lists the services
+that do have some (:attr:`TeacherWatcher.other_services`), so a student can
+say "no teacher of 'imagenet-r10'; services with live teachers: imagenet-r101"
+without a Redis call of its own (it asks from under its own lock).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from redis import exceptions as redis_exc
 from registry import keys
 from registry._outage import OutageLog
 from registry.connection import connect, map_redis_error
-from registry.discovery import fetch_service
+from registry.discovery import fetch_service, list_services
 from registry.errors import RegistryAuthError, RegistryConfigError, RegistryError
 from registry.record import TeacherRecord
 
@@ -114,6 +119,8 @@ class TeacherWatcher:
         self._delivered: dict[str, TeacherRecord] | None = None
         self._warned_bad: dict[str, str] = {}
         self._refresh_failing = False  # an unexpected (non-Redis) read error was logged
+        # Written by the watcher thread (and start()), read by any thread: one reference swap.
+        self._other_services: tuple[str, ...] | None = None
         self._grace_until = 0.0
         self._grace_set: Snapshot = {}
         self._expiry_at: float | None = None  # monotonic time of the next member expiry
@@ -137,6 +144,15 @@ class TeacherWatcher:
         """
         error = self._outage.last_error
         return error if isinstance(error, RegistryError) else None
+
+    @property
+    def other_services(self) -> tuple[str, ...] | None:
+        """Services with live teachers, as read the last time this service had none (None: not read).
+
+        Refreshed with every read while this service is empty; kept as it was
+        once teachers show up or while Redis is unreachable.
+        """
+        return self._other_services
 
     def start(self) -> "TeacherWatcher":
         """Subscribe, read the service once, and start the watcher thread.
@@ -280,6 +296,11 @@ class TeacherWatcher:
         self._expiry_at = None if view.next_expiry_s is None else (
             time.monotonic() + max(0.0, view.next_expiry_s - view.server_time_s) + _EXPIRY_MARGIN_S)
         teachers = view.teachers
+        if not teachers:
+            try:
+                self._other_services = tuple(list_services(self._client))
+            except (redis_exc.RedisError, OSError) as exc:  # the next read reports an outage
+                logger.debug("%s: listing services failed: %s", self._who, map_redis_error(exc, self._url, "listing"))
         if self._outage.ok() and self._outage_grace_s > 0:
             self._grace_until = time.monotonic() + self._outage_grace_s
             self._grace_set = self.snapshot()
@@ -307,7 +328,8 @@ class TeacherWatcher:
         joined = sorted(content.keys() - previous.keys())
         left = sorted(previous.keys() - content.keys())
         if joined or left:
-            logger.info("%s: %d live teacher(s); joined %s, left %s", self._who, len(current), joined, left)
+            # DEBUG: the student's RegistryFollower logs the same change at INFO, in its words.
+            logger.debug("%s: %d live teacher(s); joined %s, left %s", self._who, len(current), joined, left)
         if self._on_change is None:
             return
         try:

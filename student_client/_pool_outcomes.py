@@ -90,8 +90,8 @@ class OutcomeMixin:
                 t.breaker.on_success()
             self._stall_since = now
             self._settle_locked(r, None, self._request_error(
-                f"teacher {t.endpoint} rejected batch {r.batch_id} with {code}: {details}",
-                code, details, t, r, exc), work)
+                f"teacher {t.endpoint} rejected batch {r.batch_id} with {code}: {details}"
+                f"{self._input_advice_locked(r, code)}", code, details, t, r, exc), work)
             for other in list(r.inflight):
                 self._abandon_locked(other, work)
             return

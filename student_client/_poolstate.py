@@ -125,7 +125,7 @@ class Teacher:
             failures=dict(self.failures), retries=self.retries, failovers=self.failovers,
             last_error=self.last_error, latency_ewma_s=self.latency.value_s,
             latency_p50_s=percentile(s, 50), latency_p90_s=percentile(s, 90), latency_p99_s=percentile(s, 99),
-            transport=transport,
+            transport=transport, breaker=self.breaker.state,
         )
 
 

@@ -6,6 +6,11 @@ States::
                           ^                                |
                           +-------- probe failed ----------+  (longer backoff)
 
+Users read the states in other words (:meth:`CircuitBreaker.describe`, the
+``state`` of :class:`~student_client.stats.TeacherStats`): closed is
+"healthy", open "failing (retry in ...)", half-open "probing", unverified
+"checking health" / "not ready"; ``TeacherStats.breaker`` keeps the names below.
+
 * CLOSED: the teacher takes requests up to its in-flight limit.
 * OPEN: no requests until ``open_until`` (jittered exponential backoff in the
   number of consecutive failed probes).
@@ -101,14 +106,19 @@ class CircuitBreaker:
             self.probe_in_flight = False
 
     def describe(self, now: float) -> str:
-        """``"closed"``, ``"open for 1.2 s"`` or ``"half-open"``."""
+        """The state in a user's words (``state`` is the machine-readable name).
+
+        ``"healthy"`` (closed), ``"failing (retry in 1.2 s)"`` (open),
+        ``"probing (one trial batch)"`` (half-open), ``"checking health"`` /
+        ``"not ready (health check failed 2x, next in 1.2 s)"`` (unverified).
+        """
         if self.state == OPEN:
             left = self.open_until - now
-            return f"open for {left:.1f} s more" if left > 0 else "open (probe due)"
+            return f"failing (retry in {left:.1f} s)" if left > 0 else "failing (retry due)"
         if self.state == UNVERIFIED:
             if self.failures == 0:
-                return "probing (health check)"
+                return "checking health"
             left = self.open_until - now
-            return (f"unverified, health check failed {self.failures}x, next in {left:.1f} s" if left > 0
-                    else f"unverified, health check failed {self.failures}x, probing again")
-        return "half-open" if self.state == HALF_OPEN else "closed"
+            return (f"not ready (health check failed {self.failures}x, next in {left:.1f} s)" if left > 0
+                    else f"not ready (health check failed {self.failures}x, checking again)")
+        return "probing (one trial batch)" if self.state == HALF_OPEN else "healthy"

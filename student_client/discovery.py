@@ -7,6 +7,13 @@ live set to :meth:`TeacherPool.set_endpoints`. It also explains an empty
 pool: a registry that cannot be reached, or a service with no live teacher,
 reads very differently from "every teacher failed", and the pool alone
 cannot tell them apart.
+
+At start (the watcher's first read happens in :meth:`RegistryFollower.start`,
+so within a connect timeout) it logs a WARNING when Redis is unreachable or
+the service has no live teacher, naming the services that do have some;
+students may start before their teachers, so this is not an error, and the
+pool repeats a "waiting for teachers of SERVICE at REGISTRY" line while
+batches wait (:mod:`student_client._pool_members`).
 """
 
 from __future__ import annotations
@@ -49,14 +56,28 @@ class RegistryFollower:
         except RegistryError as exc:  # bad URL ('local'), bad option: keep one error tree
             raise ConfigError(f"cannot use the registry: {exc}") from exc
 
-    def start(self) -> None:
-        """Start watching (the first read happens in the watcher's thread)."""
+    def start(self, wait_timeout_s: float | None = None) -> None:
+        """Start watching: one read now, then the watcher's thread; warn at once if nothing is there.
+
+        Args:
+            wait_timeout_s: how long batches will wait for a teacher (named in the warning).
+        """
         from registry import RegistryError
 
         try:
             self._watcher.start()
         except RegistryError as exc:  # refused credentials
             raise ConfigError(f"cannot use the registry: {exc}") from exc
+        problem = self.explain(bool(self._watcher.snapshot()))
+        if problem is not None:
+            until = "" if wait_timeout_s is None else f"; batches wait up to wait_timeout_s={wait_timeout_s:g} s"
+            logger.warning("%s Waiting for teachers of %s (students may start before their teachers)%s.",
+                           problem, self.where, until)
+
+    @property
+    def waiting_for(self) -> str:
+        """``"teachers of service 'x' at redis://..."``, for the pool's waiting lines and errors."""
+        return f"teachers of {self.where}"
 
     def _on_change(self, snapshot) -> None:
         """Watcher thread: the live teacher set (or a record's content, e.g. its load) changed."""
@@ -82,9 +103,15 @@ class RegistryFollower:
             return (f"The teacher registry {self._url} is unreachable, so no teacher could be discovered: "
                     f"{str(cause).rstrip('.')}. Check the registry URL and that Redis is running.")
         if not has_endpoints:
-            return (f"The registry {self._url} lists no live teacher for service {self.service!r}; check the "
-                    "service name "
-                    "(`edistill registry ls` lists them) and that teachers were started with "
+            others = self._watcher.other_services  # cached by the watcher thread: no Redis call here
+            if others is None:
+                known = ""
+            elif others:
+                known = f" Services with live teachers there: {', '.join(others)}."
+            else:
+                known = " No service has live teachers there yet."
+            return (f"The registry {self._url} lists no live teacher for service {self.service!r}.{known} Check "
+                    f"the service name (`edistill registry ls` lists them) and that teachers were started with "
                     f"--registry and --service {self.service}.")
         return None
 

@@ -61,7 +61,7 @@ from protos.edistill.v1 import local_pb2 as lpb
 from protos.edistill.v1 import teacher_pb2 as pb
 
 from . import local as _local
-from ._pool_members import MembershipMixin
+from ._pool_members import MembershipMixin, MembershipState
 from ._pool_outcomes import OutcomeMixin
 from ._poolstate import Attempt, Request, Teacher, Work
 from .balancer import pick
@@ -75,7 +75,7 @@ from .outputs import OutputSpec, TeacherValue, normalize_outputs, output_request
 from .probe import HealthFactory, HealthProber
 from .sources import KnowledgeSource, SourceRequest, check_request
 from .transports import ChannelFactory, LocalSetup, StubFactory, channel_setup, default_stub_factory
-from .wire import fast_nbytes, serialize_request
+from .wire import fast_nbytes
 
 if TYPE_CHECKING:
     from .discovery import RegistryFollower
@@ -135,6 +135,7 @@ class TeacherPool(MembershipMixin, OutcomeMixin, KnowledgeSource):
         self._id = uuid.uuid4().hex[:8]  # distinguishes request ids of pools in one job
         self._seq = itertools.count(1)  # next() is atomic under the GIL
         self._follower: RegistryFollower | None = None
+        self._membership = MembershipState()  # Describe answers, float64 casts, waiting lines (_pool_members)
 
         # The lock guards all state; the dispatcher waits on _cond, wait_for_teachers on
         # _ready. Hot paths take the plain lock (`with` on a Condition runs Python code twice).
@@ -183,7 +184,7 @@ class TeacherPool(MembershipMixin, OutcomeMixin, KnowledgeSource):
         try:
             follower = RegistryFollower(url, service, pool.set_endpoints, poll_s=poll_s)
             pool._follower = follower
-            follower.start()
+            follower.start(pool._config.wait_timeout_s)
         except BaseException:
             pool.close()
             raise
@@ -222,8 +223,9 @@ class TeacherPool(MembershipMixin, OutcomeMixin, KnowledgeSource):
         payload, kept = None, None
         try:
             size = fast_nbytes(inputs)
-            if size is None:  # not plain tensors/arrays: the codec builds (and checks) the message now
-                payload, size = serialize_request(request_id, inputs, self._outputs_blob)
+            if size is None:  # not plain wire-dtype tensors/arrays: float64 is cast, the rest goes to the codec
+                inputs, payload, size = self._odd_inputs(inputs, batch_id, request_id, seq)
+                kept = None if payload is not None else inputs
             else:  # serialized at the first gRPC attempt, if any (see transports.GrpcTransport)
                 kept = dict(inputs)
         except (codec.CodecError, AttributeError) as exc:

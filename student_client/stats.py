@@ -32,7 +32,13 @@ class TeacherStats:
         failovers: batches taken away from it and re-sent (it failed or was removed).
         latency_*_s: answer latency, EWMA and percentiles of recent samples.
         transport: ``"local"`` while batches go over the teacher's same-host
-            socket (shared memory), else ``"grpc"``.
+            socket (shared memory), else ``"grpc"``; a teacher that left keeps
+            the one it was used over.
+        state: its circuit breaker in words: ``"healthy"``,
+            ``"failing (retry in 1.2 s)"``, ``"probing (one trial batch)"``,
+            ``"checking health"`` or ``"not ready (health check failed ...)"``.
+        breaker: the same, machine-readable: ``"closed"`` (healthy),
+            ``"open"``, ``"half_open"`` or ``"unverified"``.
     """
 
     endpoint: str
@@ -50,6 +56,7 @@ class TeacherStats:
     latency_p90_s: float | None
     latency_p99_s: float | None
     transport: str = "grpc"
+    breaker: str = "closed"
 
 
 @dataclass(frozen=True)
@@ -148,8 +155,8 @@ class ReaderStats:
 
     @property
     def live_teachers(self) -> int:
-        """Teachers in the pool now whose circuit breaker is closed (answering; not failing or on probation)."""
-        return sum(1 for t in self.teachers.values() if t.live and t.state == "closed")
+        """Teachers in the pool now that are healthy (breaker closed: answering, not failing or on probation)."""
+        return sum(1 for t in self.teachers.values() if t.live and t.breaker == "closed")
 
     @property
     def retries(self) -> int:

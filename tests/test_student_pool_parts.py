@@ -124,10 +124,10 @@ def test_unverified_teacher_gets_no_batch_until_its_health_check_answers_serving
             f.result(timeout=5)
         assert net.calls_to("b:2") == [] and len(net.calls_to("a:1")) == 12
         st = pool.stats().teachers["b:2"]
-        assert st.state.startswith("unverified") and "NOT_SERVING" in st.last_error
+        assert st.state.startswith("not ready") and "NOT_SERVING" in st.last_error
         # it is checked again (after the backoff) and used once it turns SERVING
         net.health["b:2"] = "SERVING"
-        wait_for(lambda: pool.stats().teachers["b:2"].state == "closed", what="b:2 re-probed and verified")
+        wait_for(lambda: pool.stats().teachers["b:2"].state == "healthy", what="b:2 re-probed and verified")
         assert len([c for c in net.health_calls if c.endpoint == "b:2"]) >= 2
         more = [pool.submit(SourceRequest(batch([i]), i)) for i in range(12, 40)]
         for f in more:
@@ -161,7 +161,7 @@ def test_a_pending_health_check_blocks_neither_set_endpoints_nor_submit(net):
     try:
         pool.set_endpoints(["a:1", "slow:1"])  # returns although slow:1 never answers its probe
         assert pool.submit(SourceRequest(batch([1]), 1)).result(timeout=5)["logits"].shape == (1, 4)
-        assert net.calls_to("slow:1") == [] and pool.stats().teachers["slow:1"].state.startswith("probing")
+        assert net.calls_to("slow:1") == [] and pool.stats().teachers["slow:1"].state == "checking health"
         probe = next(c for c in net.health_calls if c.endpoint == "slow:1")
         probe.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
         assert "DEADLINE_EXCEEDED" in pool.stats().teachers["slow:1"].last_error
@@ -203,7 +203,7 @@ def test_a_teacher_that_never_answers_is_hedged_and_the_batch_delivered_once(net
         assert len(net.calls) == 2
     assert st.hedges == 1 and st.completed == 1 and st.failed == 0
     assert st.teachers[stuck.endpoint].failures == {"HEDGED": 1}
-    assert st.teachers[stuck.endpoint].state.startswith("open")  # no fresh batches for the stuck teacher
+    assert st.teachers[stuck.endpoint].state.startswith("failing (retry in")  # no fresh batches for the stuck teacher
     assert st.teachers[other].successes == 1
 
 

@@ -91,7 +91,7 @@ def test_unreachable_registry_entries_cost_one_probe_and_never_get_a_batch(model
     assert st.failed == 0 and st.retries == 0 and teachers[teacher.address].successes == 24
     for endpoint, code in ((closed, "UNAVAILABLE"), (silent, "DEADLINE_EXCEEDED")):
         t = teachers[endpoint]
-        assert t.requests == 0 and t.state.startswith("unverified"), (endpoint, t)
+        assert t.requests == 0 and t.state.startswith("not ready") and t.breaker == "unverified", (endpoint, t)
         assert "health check failed" in t.last_error and code in t.last_error, t.last_error
 
 
@@ -143,6 +143,6 @@ def test_a_not_serving_teacher_is_used_only_once_it_turns_serving(model):
             assert not fut.done() and pool.stats().teachers[t.address].requests == 0
             t.call(t.server.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING), timeout_s=5)
             assert fut.result(timeout=15)["logits"].shape == (3, 4)
-            assert pool.stats().teachers[t.address].state == "closed"
+            assert pool.stats().teachers[t.address].state == "healthy"
         finally:
             pool.close()
