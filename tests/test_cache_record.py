@@ -69,3 +69,18 @@ def test_a_recorder_killed_mid_run_and_rerun_records_every_key_once(tmp_path):
     got = cache.submit(SourceRequest({"": x}, 0, list(range(N)))).result()["logits"]
     want = InProcessTeacher(zoo.latency(delay_ms=0, features=4), [SPEC]).submit(SourceRequest({"": x}, 0)).result()
     assert torch.equal(got, want["logits"]) and got.temperature == 2.0  # each value is the teacher's answer
+
+
+def test_record_cli_refuses_bad_arguments_in_one_line(capsys):
+    from student_client.cli import main
+    from student_client.record_cli import parse_output
+
+    assert parse_output("logits,transform=probs,temperature=2,top_k=5,dtype=float16") == OutputSpec(
+        "logits", "probs", 2.0, 5, "float16")
+    assert main(["record", "--data", "tests.helpers.cache_data:id_dataset", "--out", "x",
+                 "--output", "logits,temp=2", "--teachers", "127.0.0.1:1"]) == 2
+    assert "expected NAME[,transform=...,temperature=...,top_k=...,dtype=...], got 'temp=2'" in capsys.readouterr().err
+    assert main(["record", "--data", "tests.helpers.cache_data:id_dataset", "--out", "x"]) == 2
+    assert "give the teachers with --teachers HOST:PORT ... or --registry URL --service NAME" in capsys.readouterr().err
+    assert main(["record", "--data", "no_such_module:fn", "--out", "x", "--teachers", "127.0.0.1:1"]) == 2
+    assert "--data no_such_module:fn: cannot import it" in capsys.readouterr().err
