@@ -68,6 +68,7 @@ _NP_OF_WIRE: dict[int, np.dtype] = {
     pb.INT32: np.dtype("<i4"),
     pb.UINT8: np.dtype("u1"),
     pb.BOOL: np.dtype("?"),
+    pb.UINT16: np.dtype("<u2"),
 }
 
 #: numpy dtype name -> wire dtype of the arrays that can be sent (bfloat16: send a torch tensor).
@@ -78,6 +79,7 @@ WIRE_OF_NP: dict[str, int] = {
     "int32": pb.INT32,
     "uint8": pb.UINT8,
     "bool": pb.BOOL,
+    "uint16": pb.UINT16,
 }
 
 #: User-facing dtype names, as accepted by CLIs and configs.
@@ -89,6 +91,7 @@ DTYPE_NAMES: dict[str, int] = {
     "int32": pb.INT32,
     "uint8": pb.UINT8,
     "bool": pb.BOOL,
+    "uint16": pb.UINT16,
 }
 _NAME_OF_WIRE = {v: k for k, v in DTYPE_NAMES.items()}
 
@@ -113,6 +116,7 @@ def torch_dtype_maps() -> "tuple[dict[int, torch.dtype], dict[torch.dtype, int]]
             pb.INT32: torch.int32,
             pb.UINT8: torch.uint8,
             pb.BOOL: torch.bool,
+            pb.UINT16: torch.uint16,
         }
         _TORCH_MAPS = torch_of_wire, {v: k for k, v in torch_of_wire.items()}
     return _TORCH_MAPS

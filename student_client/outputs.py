@@ -9,7 +9,13 @@ Every answer says what it is, so a loss never has to be told twice:
   the result of an operation is a plain tensor, see :class:`Dense`);
 * a top-k answer is a :class:`TopK` (values + int64 indices + the dense
   shape, and the same two attributes), which :meth:`TopK.dense` turns back
-  into a dense tensor.
+  into a dense tensor;
+* per-token answers of sequence models (``(B, L, V)`` logits) are a
+  :class:`TopK` with an optional ``tail`` (log of the mass outside the top-k)
+  and a position ``mask`` (B, L), or a :class:`Sampled` (tokens drawn from the
+  teacher's distribution, Random-Sampling KD) when ``OutputSpec.sample`` is
+  set. Positions where ``OutputSpec.mask`` names an input that is 0 travel
+  not at all; decoding puts the sent rows back at their (B, L) positions.
 
 The transform semantics are those of ``protos/edistill/v1/teacher.proto``:
 ``raw`` returns the output unchanged (temperature ignored: an answer's
@@ -30,7 +36,7 @@ import copy
 import math
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -46,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Dense",
     "OutputSpec",
+    "Sampled",
     "TeacherValue",
     "TopK",
     "apply_spec",
@@ -76,6 +83,15 @@ class OutputSpec:
             last dimension (a :class:`TopK`).
         dtype: dtype of the returned values: float32, float16 or bfloat16
             (half the bytes on the wire for a small loss of precision).
+        sample: per-token answers: k > 0 draws per position from
+            ``softmax(x / T)`` instead of top-k (Random-Sampling KD, arXiv
+            2503.16870; each draw weighs 1/k), a :class:`Sampled`.
+        seed: seed of the draws (mixed with the batch's input bytes on the
+            teacher, so a batch draws the same tokens on any teacher).
+        tail: with ``top_k`` and probs/log_probs: also the log of the mass the
+            top-k leaves out, per position (``TopK.tail``).
+        mask: name of the input (B, L) whose 0 entries are positions not sent
+            (e.g. ``"attention_mask"``); with ``top_k`` or ``sample``.
     """
 
     name: str = "logits"
@@ -83,6 +99,10 @@ class OutputSpec:
     temperature: float = 1.0
     top_k: int = 0
     dtype: str = "float32"
+    sample: int = 0
+    seed: int = 0
+    tail: bool = False
+    mask: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -99,16 +119,49 @@ class OutputSpec:
             raise ConfigError(f"OutputSpec.top_k must be an int >= 0, got {self.top_k!r}")
         if self.dtype not in _VALUE_DTYPES:
             raise ConfigError(f"OutputSpec.dtype must be one of {', '.join(_VALUE_DTYPES)}, got {self.dtype!r}")
+        _check_token_spec(self)
+
+    @property
+    def token_level(self) -> bool:
+        """A per-token answer of a sequence model (sample, tail or mask set)."""
+        return bool(self.sample or self.tail or self.mask)
 
     def to_proto(self) -> pb.OutputRequest:
-        """The wire form of this spec."""
+        """The wire form of this spec (indices asked for in their compact dtype)."""
         return pb.OutputRequest(
             name=self.name,
             transform=_TRANSFORMS[self.transform],
             temperature=float(self.temperature),
             top_k=self.top_k,
             dtype=codec.dtype_from_name(self.dtype),
+            sample=self.sample,
+            seed=self.seed,
+            tail=self.tail,
+            mask=self.mask,
+            compact_indices=bool(self.top_k or self.sample),
         )
+
+
+def _check_token_spec(spec: OutputSpec) -> None:
+    """sample / seed / tail / mask fit together (the teacher checks them against the model too)."""
+    for field_name in ("sample", "seed"):
+        v = getattr(spec, field_name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"OutputSpec.{field_name} must be an int >= 0, got {v!r}")
+    if spec.sample > shared.MAX_SAMPLE:
+        raise ConfigError(f"OutputSpec.sample must be <= {shared.MAX_SAMPLE} draws per position, got {spec.sample}")
+    if spec.seed >= 1 << 64:
+        raise ConfigError(f"OutputSpec.seed must fit 64 bits, got {spec.seed}")
+    if spec.sample and spec.top_k:
+        raise ConfigError(f"OutputSpec: sample={spec.sample} and top_k={spec.top_k} are alternatives; set one")
+    if not isinstance(spec.tail, bool):
+        raise ConfigError(f"OutputSpec.tail must be True or False, got {spec.tail!r}")
+    if spec.tail and (not spec.top_k or spec.transform == "raw"):
+        raise ConfigError("OutputSpec.tail needs top_k > 0 and transform 'probs' or 'log_probs'")
+    if not isinstance(spec.mask, str):
+        raise ConfigError(f"OutputSpec.mask must be an input name (e.g. 'attention_mask') or '', got {spec.mask!r}")
+    if spec.mask and not (spec.top_k or spec.sample):
+        raise ConfigError("OutputSpec.mask applies to top-k and sampled answers; a dense answer sends every position")
 
 
 @dataclass(frozen=True)
@@ -129,6 +182,11 @@ class TopK:
     dense_shape: tuple[int, ...]
     transform: str = "raw"
     temperature: float = 1.0
+    #: per-token answers: ``(B, L)`` log of the teacher mass outside the top-k (OutputSpec.tail), else None.
+    tail: "torch.Tensor | None" = None
+    #: ``(B, L)`` bool, True where the teacher answered (OutputSpec.mask); values, indices and tail
+    #: hold zeros elsewhere. None: every position.
+    mask: "torch.Tensor | None" = None
 
     @property
     def k(self) -> int:
@@ -157,14 +215,64 @@ class TopK:
 
     def to(self, device, non_blocking: bool = False) -> "TopK":
         """A copy of this TopK with values and indices on ``device``."""
-        return TopK(self.values.to(device, non_blocking=non_blocking),
-                    self.indices.to(device, non_blocking=non_blocking),
-                    self.dense_shape, self.transform, self.temperature)
+        move = (lambda t: None if t is None else t.to(device, non_blocking=non_blocking))
+        return TopK(move(self.values), move(self.indices), self.dense_shape, self.transform, self.temperature,
+                    move(self.tail), move(self.mask))
 
     def pin_memory(self) -> "TopK":
         """A copy in page-locked host memory (for asynchronous copies to CUDA)."""
-        return TopK(self.values.pin_memory(), self.indices.pin_memory(),
-                    self.dense_shape, self.transform, self.temperature)
+        pin = (lambda t: None if t is None else t.pin_memory())
+        return TopK(pin(self.values), pin(self.indices), self.dense_shape, self.transform, self.temperature,
+                    pin(self.tail), pin(self.mask))
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """A sampled per-token teacher output (Random-Sampling KD, Anshumann et al. 2025, arXiv 2503.16870).
+
+    At each position the teacher drew ``S`` tokens with replacement from its
+    distribution ``softmax(logits / T)``. The empirical distribution
+    ``q̂_j = count_j / S`` is an unbiased estimate of the teacher's (each draw
+    weighs 1/S: the importance weight p/q is 1 when the proposal is the
+    teacher itself), which :func:`~student_client.losses.sequence_kd_loss` uses.
+
+    Attributes:
+        indices: ``(B, L, S)`` int64 drawn token ids (repeats allowed).
+        dense_shape: ``(B, L, V)``.
+        temperature: the temperature the draws were made at.
+        mask: ``(B, L)`` bool where the teacher answered, or None for every position.
+    """
+
+    indices: "torch.Tensor"
+    dense_shape: tuple[int, ...]
+    temperature: float = 1.0
+    mask: "torch.Tensor | None" = None
+
+    @property
+    def num_samples(self) -> int:
+        """Draws per position S."""
+        return int(self.indices.shape[-1])
+
+    def dense(self) -> "torch.Tensor":
+        """``(B, L, V)`` float32 empirical distribution ``count / S`` (zeros where not answered)."""
+        import torch
+
+        out = torch.zeros(self.dense_shape, dtype=torch.float32, device=self.indices.device)
+        ones = torch.full(self.indices.shape, 1.0 / self.num_samples, device=self.indices.device)
+        out.scatter_add_(-1, self.indices, ones)
+        if self.mask is not None:
+            out[~self.mask] = 0.0
+        return out
+
+    def to(self, device, non_blocking: bool = False) -> "Sampled":
+        """A copy with indices and mask on ``device``."""
+        return Sampled(self.indices.to(device, non_blocking=non_blocking), self.dense_shape, self.temperature,
+                       None if self.mask is None else self.mask.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Sampled":
+        """A copy in page-locked host memory."""
+        return Sampled(self.indices.pin_memory(), self.dense_shape, self.temperature,
+                       None if self.mask is None else self.mask.pin_memory())
 
 
 # --- Dense answers ------------------------------------------------------------
@@ -268,7 +376,7 @@ if TYPE_CHECKING:
 
 
 #: What a knowledge source returns per output name.
-TeacherValue = Union["Dense", TopK]
+TeacherValue = Union["Dense", TopK, Sampled]
 
 
 def normalize_outputs(outputs: Iterable[str | OutputSpec] | str | OutputSpec | Any) -> tuple[OutputSpec, ...]:
@@ -384,11 +492,15 @@ def decode_response(resp: pb.PredictResponse, specs: Sequence[OutputSpec], *,
                 "check the output names with the teacher's Describe",
                 endpoint=endpoint, batch_id=batch_id)
         try:
+            if spec.token_level:
+                result[spec.name] = _decode_tokens(o, spec, batch_size)
+                continue
             values = codec.to_torch(o.values, what=f"output {spec.name!r} values")
             if spec.top_k > 0:
                 if not o.HasField("indices"):
                     raise codec.CodecError(f"output {spec.name!r}: top-k answer without indices")
-                indices = codec.to_torch(o.indices, what=f"output {spec.name!r} indices")
+                indices = _widened(codec.to_torch(o.indices, what=f"output {spec.name!r} indices"),
+                                   int(o.dense_shape[-1]) if o.dense_shape else 0)
                 dense_shape = tuple(int(d) for d in o.dense_shape)
                 _check_top_k(spec.name, spec, values, indices, dense_shape)
                 _check_rows(spec.name, dense_shape, batch_size)
@@ -402,7 +514,89 @@ def decode_response(resp: pb.PredictResponse, specs: Sequence[OutputSpec], *,
     return result
 
 
-def apply_spec(output: "torch.Tensor", spec: OutputSpec) -> TeacherValue:
+def _widened(indices: "torch.Tensor", size: int) -> "torch.Tensor":
+    """Compact wire indices (the :func:`protos.outputs.index_dtype` of a last dim of ``size``) as int64.
+
+    Any other dtype is left as is, for the consistency checks to name.
+    """
+    return indices.to(_int64()) if indices.dtype == shared.index_dtype(size) else indices
+
+
+def _int64():
+    import torch
+
+    return torch.int64
+
+
+def _decode_tokens(o: pb.Output, spec: OutputSpec, batch_size: int | None) -> TeacherValue:
+    """A per-token answer: the P sent rows (position_mask) put back at their (B, L) positions."""
+    import torch
+
+    name = spec.name
+    dense_shape = tuple(int(d) for d in o.dense_shape)
+    if len(dense_shape) != 3 or min(dense_shape) < 0:
+        raise codec.CodecError(f"output {name!r}: a per-token answer needs dense_shape (B, L, V), got "
+                               f"{list(dense_shape)}")
+    _check_rows(name, dense_shape, batch_size)
+    B, L, V = dense_shape
+    if spec.sample and o.sample != spec.sample:
+        raise codec.CodecError(f"output {name!r}: asked for {spec.sample} draws per position, the answer holds "
+                               f"{o.sample or 'none'} (a teacher without sampled answers? update it)")
+    width = spec.sample or spec.top_k
+    mask = None
+    rows = B * L
+    if o.HasField("position_mask"):
+        packed = codec.to_numpy(o.position_mask, what=f"output {name!r} position_mask")
+        if packed.dtype != np.uint8 or packed.shape != (B, (L + 7) // 8):
+            raise codec.CodecError(f"output {name!r}: position_mask {list(packed.shape)} {packed.dtype} does not "
+                                   f"fit (B, L) = {[B, L]}; expected uint8 {[B, (L + 7) // 8]}")
+        mask = torch.from_numpy(shared.unpack_positions(packed, L))  # (B, L) bool
+        rows = int(mask.sum())
+    elif spec.mask:
+        raise codec.CodecError(f"output {name!r}: mask {spec.mask!r} was asked for, the answer has no position_mask")
+    indices = _widened(codec.to_torch(o.indices, what=f"output {name!r} indices"), V)
+    if tuple(indices.shape) != (rows, width) or indices.dtype != torch.int64:
+        raise codec.CodecError(f"output {name!r}: indices {list(indices.shape)} {indices.dtype} for {rows} "
+                               f"position(s) x {width}")
+    if indices.numel():
+        low, high = torch.aminmax(indices)
+        if int(low) < 0 or int(high) >= V:
+            raise codec.CodecError(f"output {name!r}: token indices must be in [0, {V}), got [{int(low)}, {int(high)}]")
+    temperature = _applied(o, spec)[1]
+    if spec.sample:
+        return Sampled(_placed(indices, mask, B, L), dense_shape, temperature, mask)
+    values = codec.to_torch(o.values, what=f"output {name!r} values")
+    if tuple(values.shape) != (rows, width):
+        raise codec.CodecError(f"output {name!r}: values {list(values.shape)} for {rows} position(s) x {width}")
+    tail = None
+    if spec.tail:
+        if not o.HasField("tail"):
+            raise codec.CodecError(f"output {name!r}: tail was asked for, the answer has none")
+        tail = codec.to_torch(o.tail, what=f"output {name!r} tail")
+        if tuple(tail.shape) != (rows,):
+            raise codec.CodecError(f"output {name!r}: tail {list(tail.shape)} for {rows} position(s)")
+    return _token_topk(values, indices, tail, mask, dense_shape, _applied(o, spec))
+
+
+def _placed(t: "torch.Tensor | None", mask: "torch.Tensor | None", B: int, L: int) -> "torch.Tensor | None":
+    """(P, ...) rows -> (B, L, ...): a view when every position was sent, else zeros where none was."""
+    if t is None:
+        return None
+    if mask is None:
+        return t.reshape(B, L, *t.shape[1:])
+    out = t.new_zeros((B, L, *t.shape[1:]))
+    out[mask] = t
+    return out
+
+
+def _token_topk(values, indices, tail, mask, dense_shape, applied: tuple[str, float]) -> TopK:
+    B, L = dense_shape[0], dense_shape[1]
+    return TopK(_placed(values, mask, B, L), _placed(indices, mask, B, L), dense_shape, *applied,
+                _placed(tail, mask, B, L), mask)
+
+
+def apply_spec(output: "torch.Tensor", spec: OutputSpec, inputs: "Mapping[str, torch.Tensor] | None" = None
+               ) -> TeacherValue:
     """Apply ``spec``'s transform, top-k and dtype to a model output, as a teacher server does.
 
     The same code as the server's (:func:`protos.outputs.apply_transform`,
@@ -411,9 +605,11 @@ def apply_spec(output: "torch.Tensor", spec: OutputSpec) -> TeacherValue:
 
     Args:
         output: ``(B, ..., C)`` floating-point model output.
+        inputs: the batch's named inputs; needed by per-token specs (``mask``
+            names one, and sampled draws are seeded from their bytes).
 
     Returns:
-        a :class:`Dense` or, for ``top_k > 0``, a :class:`TopK`.
+        a :class:`Dense`, for ``top_k > 0`` a :class:`TopK`, for ``sample > 0`` a :class:`Sampled`.
 
     Raises:
         TeacherRequestError: (code ``INVALID_ARGUMENT``) ``top_k`` exceeds ``C``
@@ -424,6 +620,8 @@ def apply_spec(output: "torch.Tensor", spec: OutputSpec) -> TeacherValue:
 
     wire = _TRANSFORMS[spec.transform]
     temperature = shared.answer_temperature(wire, spec.temperature)
+    if spec.token_level:
+        return _apply_token_spec(output.detach(), spec, wire, temperature, inputs or {})
     try:
         values, indices = shared.apply_transform(output.detach(), spec.name, wire, temperature, spec.top_k,
                                                  getattr(torch, spec.dtype))
@@ -437,3 +635,25 @@ def apply_spec(output: "torch.Tensor", spec: OutputSpec) -> TeacherValue:
 def _invalid(details: str) -> None:
     raise TeacherRequestError(f"in-process teacher rejected the request with INVALID_ARGUMENT: {details}",
                               code="INVALID_ARGUMENT", details=details, endpoint="in-process")
+
+
+def _apply_token_spec(output: "torch.Tensor", spec: OutputSpec, wire: int, temperature: float,
+                      inputs: "Mapping[str, torch.Tensor]") -> TeacherValue:
+    """The in-process side of a per-token answer: :func:`protos.outputs.token_answer`, as a served teacher runs it."""
+    import torch
+
+    if spec.mask and spec.mask not in inputs:
+        _invalid(f"output {spec.name!r}: mask {spec.mask!r} is not an input of this batch "
+                 f"(inputs: {', '.join(inputs) or 'none'})")
+    positions = inputs[spec.mask].to(output.device) != 0 if spec.mask else None
+    generator = shared.sample_generator(spec.seed, [inputs[n] for n in sorted(inputs)]) if spec.sample else None
+    try:
+        a = shared.token_answer(output, spec.name, wire, temperature, top_k=spec.top_k, sample=spec.sample,
+                                tail=spec.tail, dtype=getattr(torch, spec.dtype), positions=positions,
+                                generator=generator)
+    except shared.TransformError as exc:
+        _invalid(str(exc))
+    B, L, _ = output.shape  # answers stay on the model's device, like dense in-process answers
+    if spec.sample:
+        return Sampled(_placed(a.indices, positions, B, L), tuple(output.shape), temperature, positions)
+    return _token_topk(a.values, a.indices, a.tail, positions, tuple(output.shape), (spec.transform, temperature))

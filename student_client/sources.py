@@ -158,7 +158,7 @@ class InProcessTeacher(KnowledgeSource):
                     if spec.name not in named:
                         raise StudentError(
                             f"in-process teacher has no output {spec.name!r} (it has {', '.join(named)})")
-                    result[spec.name] = apply_spec(named[spec.name], spec)
+                    result[spec.name] = apply_spec(named[spec.name], spec, xs)
         except TeacherRequestError as exc:  # e.g. top_k > C: what a served teacher answers
             exc.batch_id = batch_id
             self._fail(fut, exc)

@@ -26,6 +26,14 @@ One request never fails its batch-mates:
   merged (models with free dimensions, ``-1`` in the input spec, take
   different lengths per request). Arrival order is kept: the first request
   that does not match ends the batch and leads the next one.
+* Sequence models (``LoadedModel.sequence``, e.g. Hugging Face causal LMs)
+  are the exception: requests of different lengths L share one forward pass,
+  every input right-padded with 0 to the batch's longest (the attention mask
+  is 0 there, so causal attention and position ids of the real tokens do not
+  change; each request's answer equals its own unpadded forward within fp
+  tolerance, tests/test_hf_teacher.py). ``max_batch_tokens`` bounds the
+  padded pass (rows x longest L); :class:`BatchRecord` reports the padding
+  (``padded_tokens / tokens``), which the metrics export as padding waste.
 * When a forward pass over several requests raises (an input that passed
   validation but breaks the model, e.g. an embedding index out of range),
   each request is run again on its own, so only the culprit gets INTERNAL.
@@ -48,7 +56,7 @@ import torch
 
 from teacher_server.errors import InferenceFailed, QueueFull, RequestError, ServerClosing
 from teacher_server.model import LoadedModel
-from teacher_server.transforms import OutputPlan, apply_plan
+from teacher_server.transforms import OutputPlan, apply_plan, apply_token_plan
 
 __all__ = ["BatchRecord", "BatcherStats", "DynamicBatcher", "ItemResult", "OutputValue"]
 
@@ -60,9 +68,11 @@ class OutputValue:
     """One transformed output of one request, on the host."""
 
     plan: OutputPlan
-    values: torch.Tensor  # (n, ..., C) or (n, ..., k)
-    indices: torch.Tensor | None  # (n, ..., k) int64 for top-k
+    values: torch.Tensor | None  # (n, ..., C) or (n, ..., k); per-token: (P, k), None when sampled
+    indices: torch.Tensor | None  # (n, ..., k) int64 (or compact) for top-k; per-token (P, k | sample)
     dense_shape: tuple[int, ...]  # (n, ..., C)
+    tail: torch.Tensor | None = None  # (P,) log of the mass outside the top-k
+    positions: torch.Tensor | None = None  # (n, L) bool: which positions P are (plan.mask)
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,8 @@ class BatchRecord:
     queue_ms: tuple[float, ...]
     compute_ms: float
     failed: bool
+    tokens: int = 0  # sequence models: rows x longest length in the pass (0 otherwise)
+    padded_tokens: int = 0  # of those, padding added to merge different lengths
 
 
 @dataclass
@@ -116,6 +128,11 @@ class _Item:
         """Per-sample shape of each input (batch dim dropped): what must match to share a batch."""
         return tuple(tuple(t.shape[1:]) for t in self.inputs)
 
+    @property
+    def length(self) -> int:
+        """Sequence length L (dim 1 of the first input) of a sequence model's request."""
+        return int(self.inputs[0].shape[1])
+
 
 class DynamicBatcher:
     """Dynamic batching in front of a :class:`LoadedModel`.
@@ -133,9 +150,13 @@ class DynamicBatcher:
         max_batch_size: int,
         max_queue_delay_ms: float,
         max_queue_size: int,
+        max_batch_tokens: int | None = None,
     ) -> None:
         self.model = model
         self.max_batch_size = max_batch_size
+        # Sequence models: padded tokens (rows x longest L) per forward pass; None = no limit.
+        self.max_batch_tokens = max_batch_tokens
+        self._sequence = getattr(model, "sequence", None) is not None
         self._delay_s = max_queue_delay_ms / 1000.0
         self.max_queue_size = max_queue_size
         self._queue: collections.deque[_Item] = collections.deque()
@@ -226,6 +247,7 @@ class DynamicBatcher:
         """Pop whole requests in order while they fit; wait until the first one's deadline."""
         items: list[_Item] = []
         total = 0
+        longest = 0  # sequence models: the padded length of the pass
         deadline = None
         while total < self.max_batch_size:
             if self._queue:
@@ -235,7 +257,12 @@ class DynamicBatcher:
                     continue
                 if total + nxt.size > self.max_batch_size:
                     break  # never split a request; it leads the next batch
-                if items and nxt.sample_shapes != items[0].sample_shapes:
+                if self._sequence:
+                    padded = max(longest, nxt.length)
+                    if items and self.max_batch_tokens and (total + nxt.size) * padded > self.max_batch_tokens:
+                        break  # the padded pass would exceed the token budget; it leads the next batch
+                    longest = padded
+                elif items and nxt.sample_shapes != items[0].sample_shapes:
                     break  # free dims differ: torch.cat would fail; it leads the next batch (FIFO)
                 self._queue.popleft()
                 items.append(nxt)
@@ -285,6 +312,10 @@ class DynamicBatcher:
         finally:
             self._computing = 0
         total = sum(it.size for it in items)
+        tokens = padded_tokens = 0
+        if self._sequence:
+            tokens = total * max(it.length for it in items)
+            padded_tokens = tokens - sum(it.size * it.length for it in items)
         queue_ms = tuple((started - it.enqueued) * 1000.0 for it in items)
         for it, res, q_ms in zip(items, results, queue_ms):
             if it.future.done():
@@ -300,7 +331,7 @@ class DynamicBatcher:
         s.samples += total
         s.failed_batches += failed
         s.batch_sizes[total] = s.batch_sizes.get(total, 0) + 1
-        record = BatchRecord(total, len(items), queue_ms, compute_ms, failed)
+        record = BatchRecord(total, len(items), queue_ms, compute_ms, failed, tokens, padded_tokens)
         for fn in self._listeners:
             try:
                 fn(record)
@@ -320,6 +351,8 @@ class DynamicBatcher:
             # batch: measured 2.7 us for 64x64 float32 vs 1.6 ms for the zoo
             # MLP's forward pass on a 2-core VM (0.7 ms for 64x3x32x32).
             batch = [t.clone() for t in items[0].inputs]
+        elif self._sequence:
+            batch = _right_padded(items, n_inputs)  # (sum n, longest L) each
         else:
             batch = [torch.cat([it.inputs[i] for it in items]) for i in range(n_inputs)]  # (sum n, ...)
         outs = self.model.run(batch)
@@ -334,6 +367,13 @@ class DynamicBatcher:
                 per = []
                 for plan in it.plans:
                     x = outs[plan.name][offset:offset + it.size]  # (n, ..., C) view
+                    if self._sequence and x.dim() >= 2:
+                        x = x[:, :it.length]  # (n, L, C): this request's own positions, padding dropped
+                    if plan.token_level:
+                        a = apply_token_plan(x, plan, it.inputs, self.model.input_names)
+                        per.append(OutputValue(plan, _host(a.values), _host(a.indices), tuple(x.shape),
+                                               _host(a.tail), _host(a.positions)))
+                        continue
                     values, indices = apply_plan(x, plan)
                     per.append(OutputValue(plan, values.cpu(), None if indices is None else indices.cpu(),
                                            tuple(x.shape)))
@@ -373,3 +413,24 @@ class DynamicBatcher:
                 it.future.set_exception(exc if isinstance(exc, RequestError) else ServerClosing(
                     "teacher batcher stopped; send the request to another teacher"))
         self._closing = True
+
+
+def _host(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.cpu()
+
+
+def _right_padded(items: list[_Item], n_inputs: int) -> list[torch.Tensor]:
+    """Each input of a sequence model's requests, right-padded with 0 to the longest L: (sum n, L_max, ...)."""
+    total = sum(it.size for it in items)
+    longest = max(it.length for it in items)
+    batch = []
+    for i in range(n_inputs):
+        first = items[0].inputs[i]
+        out = first.new_zeros((total, longest, *first.shape[2:]))
+        offset = 0
+        for it in items:
+            t = it.inputs[i]
+            out[offset:offset + it.size, :t.shape[1]] = t
+            offset += it.size
+        batch.append(out)
+    return batch

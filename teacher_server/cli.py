@@ -60,6 +60,9 @@ def add_teacher_commands(sub: argparse._SubParsersAction) -> None:
                    help="fp32, or fp16/bf16 autocast (default: fp32)")
     p.add_argument("--max-batch-size", type=int, default=_defaults.max_batch_size, metavar="N",
                    help=f"samples per forward pass (default: {_defaults.max_batch_size})")
+    p.add_argument("--max-batch-tokens", type=int, default=None, metavar="N",
+                   help="sequence models: padded tokens (rows x longest length) per forward pass "
+                        "(default: no limit besides --max-batch-size)")
     p.add_argument("--max-queue-delay-ms", type=float, default=_defaults.max_queue_delay_ms, metavar="MS",
                    help=f"how long a batch waits to fill (default: {_defaults.max_queue_delay_ms})")
     p.add_argument("--max-queue-size", type=int, default=_defaults.max_queue_size, metavar="N",
@@ -144,6 +147,9 @@ def _add_security_flags(p: argparse.ArgumentParser) -> None:
                    help="allow --model to be a pickled torch.save(model) file; unpickling runs arbitrary "
                         "code, so only for files you made yourself. Command line only: no environment "
                         "variable turns this on")
+    p.add_argument("--trust-remote-code", action="store_true", default=False,
+                   help="a Hugging Face model directory may run the model code it ships "
+                        "(transformers' trust_remote_code). Command line only")
 
 
 def _add_client_security_flags(p: argparse.ArgumentParser) -> None:
@@ -241,6 +247,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.precision,
         max_batch_size=args.max_batch_size,
+        max_batch_tokens=args.max_batch_tokens,
         max_queue_delay_ms=args.max_queue_delay_ms,
         max_queue_size=args.max_queue_size,
         max_message_bytes=args.max_message_bytes,
@@ -269,7 +276,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(config.torch_threads)  # before the warm-up pass
     model = load_model(args.model, device=config.device, precision=config.precision,
                        checkpoint=args.checkpoint, model_kwargs=args.model_kwargs, input_specs=args.input_spec,
-                       trust_model_file=args.trust_model_file)
+                       trust_model_file=args.trust_model_file, trust_remote_code=args.trust_remote_code)
 
     def _ready(address: str) -> None:
         print(f"{READY_PREFIX}{address}", flush=True)

@@ -59,6 +59,11 @@ class TeacherConfig:
     # Samples per forward pass. A single request larger than this is rejected
     # (requests are never split, so a student's batch stays one unit).
     max_batch_size: int = 64
+    # Sequence models (Hugging Face directories): tokens per forward pass,
+    # counted padded (rows x the batch's longest length), so the logits
+    # (tokens x vocabulary floats) stay bounded whatever the lengths. None:
+    # only max_batch_size limits. A request with more tokens is refused.
+    max_batch_tokens: int | None = None
     # How long the first request of a batch may wait for others to join.
     # A few ms buys large batches under load and costs little when idle.
     max_queue_delay_ms: float = 2.0
@@ -127,6 +132,9 @@ class TeacherConfig:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be an integer >= 1, got {self.max_batch_size!r}")
+        if self.max_batch_tokens is not None and (isinstance(self.max_batch_tokens, bool) or not isinstance(
+                self.max_batch_tokens, int) or self.max_batch_tokens < 1):
+            raise ConfigError(f"max_batch_tokens must be an integer >= 1 or None, got {self.max_batch_tokens!r}")
         if not (math.isfinite(self.max_queue_delay_ms) and self.max_queue_delay_ms >= 0):
             raise ConfigError(f"max_queue_delay_ms must be a finite number >= 0, got {self.max_queue_delay_ms!r}")
         if not isinstance(self.max_queue_size, int) or self.max_queue_size < 1:

@@ -59,6 +59,7 @@ class EnvRule:
 #: not make a teacher started from that shell demand client certificates.
 SERVE_ENV_NAMES: dict[str, str | None] = {
     "--trust-model-file": None,
+    "--trust-remote-code": None,
     "--tls-cert": "EDISTILL_TEACHER_TLS_CERT",
     "--tls-key": "EDISTILL_TEACHER_TLS_KEY",
     "--tls-ca": "EDISTILL_TEACHER_TLS_CA",

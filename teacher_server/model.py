@@ -77,6 +77,8 @@ class LoadedModel:
     # Filled by warm_up(): per-sample shapes and raw dtypes of the outputs.
     outputs: tuple[TensorSpec, ...] = ()
     load_s: float = 0.0
+    # teacher_server.hf.SequenceInfo for sequence models (mixed-length batching, token checks); else None.
+    sequence: Any = None
 
     @classmethod
     def from_module(
@@ -244,6 +246,7 @@ def load_model(
     model_kwargs: Mapping[str, Any] | str | None = None,
     input_specs: Sequence[Any] | None = None,
     trust_model_file: bool = False,
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load ``spec`` (a file path or ``package.module:factory``), move it to ``device``, warm it up.
 
@@ -255,7 +258,15 @@ def load_model(
     ``trust_model_file=True`` (CLI ``--trust-model-file``) additionally accepts a
     pickled ``torch.save(model)`` file. Unpickling runs arbitrary code from the
     file, so this is refused by default (SECURITY.md).
+
+    A directory with a ``config.json`` is a Hugging Face causal LM
+    (:mod:`teacher_server.hf`; ``trust_remote_code`` only for its own code).
     """
+    from teacher_server import hf  # here: hf imports this module
+
+    if hf.is_hf_dir(spec):
+        hf.check_options({"--checkpoint": checkpoint, "--model-kwargs": model_kwargs, "--input-spec": input_specs})
+        return hf.load_hf_model(spec, device=device, precision=precision, trust_remote_code=trust_remote_code)
     t0 = time.perf_counter()
     dev = _device(device)
     explicit = coerce_specs(input_specs, where="--input-spec") if input_specs else None

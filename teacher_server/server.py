@@ -119,7 +119,8 @@ class TeacherServer:
         if cfg.torch_threads is not None:
             torch.set_num_threads(cfg.torch_threads)
         self.batcher = DynamicBatcher(self.model, max_batch_size=cfg.max_batch_size,
-                                      max_queue_delay_ms=cfg.max_queue_delay_ms, max_queue_size=cfg.max_queue_size)
+                                      max_queue_delay_ms=cfg.max_queue_delay_ms, max_queue_size=cfg.max_queue_size,
+                                      max_batch_tokens=cfg.max_batch_tokens)
         interceptors = list(self.interceptors) + self._security_interceptors()
         if cfg.metrics_port is not None:
             self.metrics = TeacherMetrics(model_name=cfg.model_name, model_version=cfg.model_version,

@@ -15,6 +15,7 @@ import grpc
 import torch
 
 from protos import codec, localwire
+from protos.outputs import pack_positions
 from protos.edistill.v1 import teacher_pb2 as pb
 from protos.edistill.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.batcher import DynamicBatcher
@@ -207,7 +208,9 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         try:
             tensors, n = validate_inputs(inputs, self.model, self.config.max_batch_size,
                                          self.config.max_tensor_elements, decode)
-            plans = plan_outputs(outputs, self.model.outputs)
+            if self.model.sequence is not None:  # token ids, mask shape, length, token budget
+                self.model.sequence.check(self.model.input_names, tensors, self.config.max_batch_tokens)
+            plans = plan_outputs(outputs, self.model.outputs, self.model.inputs)
             result = await self.batcher.submit(tensors, plans, n)
         except RequestError as exc:
             # Client faults and overload are answered, not logged: a flood of
@@ -227,10 +230,15 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         )
         for ov in result.outputs:
             out = resp.outputs.add(name=ov.plan.name, transform=ov.plan.transform,
-                                   temperature=ov.plan.temperature, top_k=ov.plan.top_k)
-            codec.encode(ov.values, out.values)  # built in place, one copy
+                                   temperature=ov.plan.temperature, top_k=ov.plan.top_k, sample=ov.plan.sample)
+            if ov.values is not None:  # None for a sampled answer: the draws are the answer
+                codec.encode(ov.values, out.values)  # built in place, one copy
             if ov.indices is not None:
                 codec.encode(ov.indices, out.indices)
+            if ov.tail is not None:
+                codec.encode(ov.tail, out.tail)
+            if ov.positions is not None:  # (n, L) bool -> (n, ceil(L/8)) bits: which positions P are
+                codec.encode(pack_positions(ov.positions), out.position_mask)
             out.dense_shape.extend(ov.dense_shape)
         return resp
 

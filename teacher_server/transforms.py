@@ -9,6 +9,12 @@ ignored); ``PROBS``/``LOG_PROBS`` apply ``(log_)softmax(x / T)`` over the last
 dim; ``top_k > 0`` keeps the k largest entries after the transform, as values
 plus int64 indices. This module validates the requests against the model's
 outputs (:func:`plan_outputs`) and maps a transform error to INVALID_ARGUMENT.
+
+Per-token requests of sequence models (``sample``, ``tail`` or ``mask`` set,
+on a ``(B, L, C)`` output) go through :func:`apply_token_plan`, i.e.
+:func:`protos.outputs.token_answer`: top-k with an optional tail, or draws
+seeded from the request (``seed`` and its inputs' bytes, inputs in name
+order), at the positions where the named mask input is nonzero.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from protos.edistill.v1 import teacher_pb2 as pb
 from teacher_server.errors import InvalidRequest
 from teacher_server.signature import TORCH_OF_WIRE, TensorSpec
 
-__all__ = ["OutputPlan", "apply_plan", "plan_outputs"]
+__all__ = ["OutputPlan", "apply_plan", "apply_token_plan", "plan_outputs"]
 
 _VALUE_DTYPES = (pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16)
 
@@ -39,15 +45,27 @@ class OutputPlan:
     top_k: int
     # torch dtype of the returned values; None keeps a non-float output's own dtype.
     dtype: torch.dtype | None
+    sample: int = 0  # draws per position (Random-Sampling KD); exclusive with top_k
+    seed: int = 0
+    tail: bool = False  # with top_k: log of the mass outside it, per position
+    mask: str = ""  # input whose zero entries are positions not sent
+    compact: bool = False  # indices in the smallest dtype that fits C
+
+    @property
+    def token_level(self) -> bool:
+        """A per-token answer (:func:`apply_token_plan`), not the plain transform."""
+        return bool(self.sample or self.tail or self.mask)
 
 
-def plan_outputs(requested: Sequence[pb.OutputRequest], outputs: Sequence[TensorSpec]) -> tuple[OutputPlan, ...]:
-    """Validate the request's output list against the model's outputs.
+def plan_outputs(requested: Sequence[pb.OutputRequest], outputs: Sequence[TensorSpec],
+                 inputs: Sequence[TensorSpec] = ()) -> tuple[OutputPlan, ...]:
+    """Validate the request's output list against the model's outputs (and inputs, for ``mask``).
 
     An empty list means every output, RAW, float32 (non-float outputs as is).
 
     Raises:
-        InvalidRequest: unknown name, bad transform, temperature, top_k or dtype.
+        InvalidRequest: unknown name, bad transform, temperature, top_k, dtype,
+            or per-token fields (sample, tail, mask) that do not fit.
     """
     by_name = {s.name: s for s in outputs}
     if not requested:
@@ -79,8 +97,34 @@ def plan_outputs(requested: Sequence[pb.OutputRequest], outputs: Sequence[Tensor
         else:
             raise InvalidRequest(f"output {req.name!r}: dtype must be float32, float16 or bfloat16, "
                                  f"got {pb.DataType.Name(req.dtype) if req.dtype in pb.DataType.values() else req.dtype}")
-        plans.append(OutputPlan(req.name, req.transform, temperature, int(req.top_k), dtype))
+        _check_token_fields(req, spec, inputs)
+        plans.append(OutputPlan(req.name, req.transform, temperature, int(req.top_k), dtype, int(req.sample),
+                                int(req.seed), bool(req.tail), req.mask, bool(req.compact_indices)))
     return tuple(plans)
+
+
+def _check_token_fields(req: pb.OutputRequest, spec: TensorSpec, inputs: Sequence[TensorSpec]) -> None:
+    """``sample``/``tail``/``mask`` need a per-token (B, L, C) float output and fit together."""
+    name = repr(req.name)
+    if not (req.sample or req.tail or req.mask):
+        return
+    if len(spec.shape) != 2 or not spec.dtype.is_floating_point:
+        raise InvalidRequest(f"output {name} is {spec.dtype_name}{spec.describe_shape()}; sample, tail and mask "
+                             "need a per-token float output of shape [B, L, C]")
+    if req.sample and req.top_k:
+        raise InvalidRequest(f"output {name}: sample={req.sample} and top_k={req.top_k} are alternatives; ask for one")
+    if req.sample > shared.MAX_SAMPLE:
+        raise InvalidRequest(f"output {name}: sample={req.sample} exceeds {shared.MAX_SAMPLE} draws per position")
+    if req.tail and (not req.top_k or req.transform == pb.RAW):
+        raise InvalidRequest(f"output {name}: tail needs top_k > 0 with transform probs or log_probs")
+    if req.mask:
+        names = [s.name for s in inputs]
+        if req.mask not in names:
+            raise InvalidRequest(f"output {name}: mask {req.mask!r} is not an input of this model "
+                                 f"(inputs: {', '.join(names)})")
+        if not (req.top_k or req.sample):
+            raise InvalidRequest(f"output {name}: mask applies to top-k and sampled answers; a dense answer "
+                                 "sends every position")
 
 
 def apply_plan(x: torch.Tensor, plan: OutputPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -95,6 +139,30 @@ def apply_plan(x: torch.Tensor, plan: OutputPlan) -> tuple[torch.Tensor, torch.T
         InvalidRequest: ``top_k`` exceeds a free last dimension.
     """
     try:
-        return shared.apply_transform(x, plan.name, plan.transform, plan.temperature, plan.top_k, plan.dtype)
+        values, indices = shared.apply_transform(x, plan.name, plan.transform, plan.temperature, plan.top_k,
+                                                 plan.dtype)
     except shared.TransformError as exc:  # only reachable for free last dims: plan_outputs checked the rest
+        raise InvalidRequest(str(exc)) from exc
+    if plan.compact and indices is not None:
+        indices = indices.to(shared.index_dtype(x.shape[-1]))
+    return values, indices
+
+
+def apply_token_plan(x: torch.Tensor, plan: OutputPlan, inputs: Sequence[torch.Tensor],
+                     input_names: Sequence[str]) -> shared.TokenAnswer:
+    """Apply a per-token ``plan`` to one request's ``(n, L, C)`` slice, given its own inputs (signature order).
+
+    Raises:
+        InvalidRequest: the output or mask does not fit (e.g. a mask of another shape).
+    """
+    by_name = dict(zip(input_names, inputs))
+    positions = by_name[plan.mask] != 0 if plan.mask else None
+    generator = None
+    if plan.sample:
+        generator = shared.sample_generator(plan.seed, [by_name[n] for n in sorted(by_name)])
+    try:
+        return shared.token_answer(x, plan.name, plan.transform, plan.temperature, top_k=plan.top_k,
+                                   sample=plan.sample, tail=plan.tail, dtype=plan.dtype, positions=positions,
+                                   compact=plan.compact, generator=generator)
+    except shared.TransformError as exc:
         raise InvalidRequest(str(exc)) from exc

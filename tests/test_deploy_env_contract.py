@@ -171,6 +171,7 @@ FLAG_SAMPLES: dict[str, tuple[str, object]] = {
     "--device": ("cuda:3", "cuda:3"),
     "--precision": ("bf16", "bf16"),
     "--max-batch-size": ("7", 7),
+    "--max-batch-tokens": ("8192", 8192),
     "--max-queue-delay-ms": ("3.5", 3.5),
     "--max-queue-size": ("11", 11),
     "--max-message-bytes": ("1048576", 1048576),

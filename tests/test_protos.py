@@ -16,7 +16,8 @@ from protos import codec
 from protos.edistill.v1 import teacher_pb2 as pb
 from tests.helpers.teacher_proc import REPO_ROOT
 
-TORCH_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8, torch.bool]
+TORCH_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8, torch.bool,
+                torch.uint16]
 
 
 def _sample(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

@@ -24,33 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64istill/v1/teacher.proto\x12\x0b\x65\x64istill.v1\"Y\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.edistill.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x92\x01\n\rOutputRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\ttransform\x18\x02 \x01(\x0e\x32\x16.edistill.v1.Transform\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12$\n\x05\x64type\x18\x05 \x01(\x0e\x32\x15.edistill.v1.DataType\"v\n\x0ePredictRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x06inputs\x18\x02 \x03(\x0b\x32\x13.edistill.v1.Tensor\x12+\n\x07outputs\x18\x03 \x03(\x0b\x32\x1a.edistill.v1.OutputRequest\"\xc5\x01\n\x06Output\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x06values\x18\x02 \x01(\x0b\x32\x13.edistill.v1.Tensor\x12$\n\x07indices\x18\x03 \x01(\x0b\x32\x13.edistill.v1.Tensor\x12\x13\n\x0b\x64\x65nse_shape\x18\x04 \x03(\x03\x12)\n\ttransform\x18\x05 \x01(\x0e\x32\x16.edistill.v1.Transform\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\r\"\xc4\x01\n\x0fPredictResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nteacher_id\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12$\n\x07outputs\x18\x05 \x03(\x0b\x32\x13.edistill.v1.Output\x12\x12\n\nbatch_size\x18\x06 \x01(\r\x12\x10\n\x08queue_ms\x18\x07 \x01(\x02\x12\x12\n\ncompute_ms\x18\x08 \x01(\x02\"O\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.edistill.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x11\n\x0f\x44\x65scribeRequest\"\xb9\x02\n\x10\x44\x65scribeResponse\x12\x12\n\nteacher_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\'\n\x06inputs\x18\x04 \x03(\x0b\x32\x17.edistill.v1.TensorSpec\x12(\n\x07outputs\x18\x05 \x03(\x0b\x32\x17.edistill.v1.TensorSpec\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x11\n\tprecision\x18\x08 \x01(\t\x12\x16\n\x0eserver_version\x18\t \x01(\t\x12\x19\n\x11max_message_bytes\x18\n \x01(\x04\x12\x14\n\x0clocal_socket\x18\x0b \x01(\t\x12\x0f\n\x07host_id\x18\x0c \x01(\t*x\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05INT64\x10\x04\x12\t\n\x05INT32\x10\x05\x12\t\n\x05UINT8\x10\x06\x12\x08\n\x04\x42OOL\x10\x07*.\n\tTransform\x12\x07\n\x03RAW\x10\x00\x12\t\n\x05PROBS\x10\x01\x12\r\n\tLOG_PROBS\x10\x02\x32\x98\x01\n\x07Teacher\x12\x44\n\x07Predict\x12\x1b.edistill.v1.PredictRequest\x1a\x1c.edistill.v1.PredictResponse\x12G\n\x08\x44\x65scribe\x12\x1c.edistill.v1.DescribeRequest\x1a\x1d.edistill.v1.DescribeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64istill/v1/teacher.proto\x12\x0b\x65\x64istill.v1\"Y\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.edistill.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xe5\x01\n\rOutputRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\ttransform\x18\x02 \x01(\x0e\x32\x16.edistill.v1.Transform\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12$\n\x05\x64type\x18\x05 \x01(\x0e\x32\x15.edistill.v1.DataType\x12\x0e\n\x06sample\x18\x06 \x01(\r\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x0c\n\x04tail\x18\x08 \x01(\x08\x12\x0c\n\x04mask\x18\t \x01(\t\x12\x17\n\x0f\x63ompact_indices\x18\n \x01(\x08\"v\n\x0ePredictRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x06inputs\x18\x02 \x03(\x0b\x32\x13.edistill.v1.Tensor\x12+\n\x07outputs\x18\x03 \x03(\x0b\x32\x1a.edistill.v1.OutputRequest\"\xa4\x02\n\x06Output\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x06values\x18\x02 \x01(\x0b\x32\x13.edistill.v1.Tensor\x12$\n\x07indices\x18\x03 \x01(\x0b\x32\x13.edistill.v1.Tensor\x12\x13\n\x0b\x64\x65nse_shape\x18\x04 \x03(\x03\x12)\n\ttransform\x18\x05 \x01(\x0e\x32\x16.edistill.v1.Transform\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\r\x12!\n\x04tail\x18\x08 \x01(\x0b\x32\x13.edistill.v1.Tensor\x12*\n\rposition_mask\x18\t \x01(\x0b\x32\x13.edistill.v1.Tensor\x12\x0e\n\x06sample\x18\n \x01(\r\"\xc4\x01\n\x0fPredictResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nteacher_id\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12$\n\x07outputs\x18\x05 \x03(\x0b\x32\x13.edistill.v1.Output\x12\x12\n\nbatch_size\x18\x06 \x01(\r\x12\x10\n\x08queue_ms\x18\x07 \x01(\x02\x12\x12\n\ncompute_ms\x18\x08 \x01(\x02\"O\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.edistill.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x11\n\x0f\x44\x65scribeRequest\"\xb9\x02\n\x10\x44\x65scribeResponse\x12\x12\n\nteacher_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\'\n\x06inputs\x18\x04 \x03(\x0b\x32\x17.edistill.v1.TensorSpec\x12(\n\x07outputs\x18\x05 \x03(\x0b\x32\x17.edistill.v1.TensorSpec\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x11\n\tprecision\x18\x08 \x01(\t\x12\x16\n\x0eserver_version\x18\t \x01(\t\x12\x19\n\x11max_message_bytes\x18\n \x01(\x04\x12\x14\n\x0clocal_socket\x18\x0b \x01(\t\x12\x0f\n\x07host_id\x18\x0c \x01(\t*\x84\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05INT64\x10\x04\x12\t\n\x05INT32\x10\x05\x12\t\n\x05UINT8\x10\x06\x12\x08\n\x04\x42OOL\x10\x07\x12\n\n\x06UINT16\x10\x08*.\n\tTransform\x12\x07\n\x03RAW\x10\x00\x12\t\n\x05PROBS\x10\x01\x12\r\n\tLOG_PROBS\x10\x02\x32\x98\x01\n\x07Teacher\x12\x44\n\x07Predict\x12\x1b.edistill.v1.PredictRequest\x1a\x1c.edistill.v1.PredictResponse\x12G\n\x08\x44\x65scribe\x12\x1c.edistill.v1.DescribeRequest\x1a\x1d.edistill.v1.DescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edistill.v1.teacher_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=1217
-  _globals['_DATATYPE']._serialized_end=1337
-  _globals['_TRANSFORM']._serialized_start=1339
-  _globals['_TRANSFORM']._serialized_end=1385
+  _globals['_DATATYPE']._serialized_start=1396
+  _globals['_DATATYPE']._serialized_end=1528
+  _globals['_TRANSFORM']._serialized_start=1530
+  _globals['_TRANSFORM']._serialized_end=1576
   _globals['_TENSOR']._serialized_start=42
   _globals['_TENSOR']._serialized_end=131
   _globals['_OUTPUTREQUEST']._serialized_start=134
-  _globals['_OUTPUTREQUEST']._serialized_end=280
-  _globals['_PREDICTREQUEST']._serialized_start=282
-  _globals['_PREDICTREQUEST']._serialized_end=400
-  _globals['_OUTPUT']._serialized_start=403
-  _globals['_OUTPUT']._serialized_end=600
-  _globals['_PREDICTRESPONSE']._serialized_start=603
-  _globals['_PREDICTRESPONSE']._serialized_end=799
-  _globals['_TENSORSPEC']._serialized_start=801
-  _globals['_TENSORSPEC']._serialized_end=880
-  _globals['_DESCRIBEREQUEST']._serialized_start=882
-  _globals['_DESCRIBEREQUEST']._serialized_end=899
-  _globals['_DESCRIBERESPONSE']._serialized_start=902
-  _globals['_DESCRIBERESPONSE']._serialized_end=1215
-  _globals['_TEACHER']._serialized_start=1388
-  _globals['_TEACHER']._serialized_end=1540
+  _globals['_OUTPUTREQUEST']._serialized_end=363
+  _globals['_PREDICTREQUEST']._serialized_start=365
+  _globals['_PREDICTREQUEST']._serialized_end=483
+  _globals['_OUTPUT']._serialized_start=486
+  _globals['_OUTPUT']._serialized_end=778
+  _globals['_PREDICTRESPONSE']._serialized_start=781
+  _globals['_PREDICTRESPONSE']._serialized_end=977
+  _globals['_TENSORSPEC']._serialized_start=979
+  _globals['_TENSORSPEC']._serialized_end=1058
+  _globals['_DESCRIBEREQUEST']._serialized_start=1060
+  _globals['_DESCRIBEREQUEST']._serialized_end=1077
+  _globals['_DESCRIBERESPONSE']._serialized_start=1080
+  _globals['_DESCRIBERESPONSE']._serialized_end=1393
+  _globals['_TEACHER']._serialized_start=1579
+  _globals['_TEACHER']._serialized_end=1731
 # @@protoc_insertion_point(module_scope)

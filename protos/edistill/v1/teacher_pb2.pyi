@@ -17,6 +17,7 @@ class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INT32: _ClassVar[DataType]
     UINT8: _ClassVar[DataType]
     BOOL: _ClassVar[DataType]
+    UINT16: _ClassVar[DataType]
 
 class Transform(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -31,6 +32,7 @@ INT64: DataType
 INT32: DataType
 UINT8: DataType
 BOOL: DataType
+UINT16: DataType
 RAW: Transform
 PROBS: Transform
 LOG_PROBS: Transform
@@ -48,18 +50,28 @@ class Tensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class OutputRequest(_message.Message):
-    __slots__ = ("name", "transform", "temperature", "top_k", "dtype")
+    __slots__ = ("name", "transform", "temperature", "top_k", "dtype", "sample", "seed", "tail", "mask", "compact_indices")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TRANSFORM_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    TAIL_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    COMPACT_INDICES_FIELD_NUMBER: _ClassVar[int]
     name: str
     transform: Transform
     temperature: float
     top_k: int
     dtype: DataType
-    def __init__(self, name: _Optional[str] = ..., transform: _Optional[_Union[Transform, str]] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., dtype: _Optional[_Union[DataType, str]] = ...) -> None: ...
+    sample: int
+    seed: int
+    tail: bool
+    mask: str
+    compact_indices: bool
+    def __init__(self, name: _Optional[str] = ..., transform: _Optional[_Union[Transform, str]] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., dtype: _Optional[_Union[DataType, str]] = ..., sample: _Optional[int] = ..., seed: _Optional[int] = ..., tail: _Optional[bool] = ..., mask: _Optional[str] = ..., compact_indices: _Optional[bool] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
     __slots__ = ("request_id", "inputs", "outputs")
@@ -72,7 +84,7 @@ class PredictRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[OutputRequest, _Mapping]]] = ...) -> None: ...
 
 class Output(_message.Message):
-    __slots__ = ("name", "values", "indices", "dense_shape", "transform", "temperature", "top_k")
+    __slots__ = ("name", "values", "indices", "dense_shape", "transform", "temperature", "top_k", "tail", "position_mask", "sample")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     INDICES_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +92,9 @@ class Output(_message.Message):
     TRANSFORM_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TAIL_FIELD_NUMBER: _ClassVar[int]
+    POSITION_MASK_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
     name: str
     values: Tensor
     indices: Tensor
@@ -87,7 +102,10 @@ class Output(_message.Message):
     transform: Transform
     temperature: float
     top_k: int
-    def __init__(self, name: _Optional[str] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., indices: _Optional[_Union[Tensor, _Mapping]] = ..., dense_shape: _Optional[_Iterable[int]] = ..., transform: _Optional[_Union[Transform, str]] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ...) -> None: ...
+    tail: Tensor
+    position_mask: Tensor
+    sample: int
+    def __init__(self, name: _Optional[str] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., indices: _Optional[_Union[Tensor, _Mapping]] = ..., dense_shape: _Optional[_Iterable[int]] = ..., transform: _Optional[_Union[Transform, str]] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., tail: _Optional[_Union[Tensor, _Mapping]] = ..., position_mask: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[int] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("request_id", "teacher_id", "model_name", "model_version", "outputs", "batch_size", "queue_ms", "compute_ms")
