@@ -114,6 +114,15 @@ def fit(model: nn.Module, loader, criterion, source=None, *, epochs: int, lr: fl
         reader.close()
 
 
+def train_teacher(cfg: dict, x, y) -> nn.Module:
+    """The setting's teacher, trained with CE (seed 0)."""
+    torch.manual_seed(0)
+    teacher = cfg["teacher"]()
+    fit(teacher, DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0)),
+        lambda out, _t, labels: F.cross_entropy(out["logits"], labels), epochs=cfg["teacher_epochs"], lr=cfg["lr"])
+    return teacher.eval()
+
+
 def accuracy(model: nn.Module, x, y, bias=None) -> tuple[float, torch.Tensor]:
     with torch.no_grad():
         logits = model(x)["logits"]
@@ -148,12 +157,7 @@ def rows(setting: str, cfg: dict) -> dict:
 def run_setting(setting: str, seeds: int, work: str) -> dict:
     cfg = SETTINGS[setting]
     xtr, ytr, xte, yte = load(setting)
-    torch.manual_seed(0)
-    teacher = cfg["teacher"]()
-    fit(teacher, DataLoader(TensorDataset(xtr, ytr), batch_size=64, shuffle=True,
-                            generator=torch.Generator().manual_seed(0)),
-        lambda out, _t, labels: F.cross_entropy(out["logits"], labels), epochs=cfg["teacher_epochs"], lr=cfg["lr"])
-    teacher.eval()
+    teacher = train_teacher(cfg, xtr, ytr)
     teacher_acc = accuracy(teacher, xte, yte)[0]
     specs = [OutputSpec("logits", "log_probs", T), OutputSpec("feat")]
     cache = f"{work}/{setting}"
@@ -181,12 +185,7 @@ def run_omitted(seeds: int, work: str, omit: int = 3, temperature: float = 8.0) 
     """Hinton §3 on digits: no ``omit`` in the transfer set; errors on the test ``omit``s before/after the bias fix."""
     cfg = SETTINGS["digits"]
     xtr, ytr, xte, yte = load("digits")
-    torch.manual_seed(0)
-    teacher = cfg["teacher"]()
-    fit(teacher, DataLoader(TensorDataset(xtr, ytr), batch_size=64, shuffle=True,
-                            generator=torch.Generator().manual_seed(0)),
-        lambda out, _t, labels: F.cross_entropy(out["logits"], labels), epochs=cfg["teacher_epochs"], lr=cfg["lr"])
-    teacher.eval()
+    teacher = train_teacher(cfg, xtr, ytr)
     keep = ytr != omit
     xs, ys = xtr[keep], ytr[keep]
     spec = OutputSpec("logits", "log_probs", temperature)

@@ -7,7 +7,7 @@ import logging
 import pathlib
 import threading
 from concurrent.futures import Future
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -49,7 +49,7 @@ from ..outputs import OutputSpec, TopK
 from .base import Loss, student_output, teacher_answer
 from .response import _compute_dtype, _constant
 
-__all__ = ["AttentionTransferLoss", "HintLoss", "attention_map", "attention_transfer_loss", "hint_loss"]
+__all__ = ["AttentionTransferLoss", "HintLoss", "PairLoss", "attention_map", "attention_transfer_loss", "hint_loss"]
 
 _REDUCTIONS = ("mean", "sum")
 
@@ -110,7 +110,31 @@ def attention_transfer_loss(student_map: torch.Tensor, teacher_map: torch.Tensor
     return (attention_map(student_map) - attention_map(_constant(teacher_map))).pow(2).mean()
 
 
-class HintLoss(Loss):
+class PairLoss(Loss):
+    """A loss between one student output and one raw teacher output, both by name (the base of the
+    feature and relation losses): it needs ``OutputSpec(teacher_output, "raw", dtype=dtype)``."""
+
+    def __init__(self, teacher_output: str, student_output: str | None, dtype: str) -> None:
+        super().__init__()
+        self._spec = OutputSpec(teacher_output, "raw", dtype=dtype)
+        self.student_output = teacher_output if student_output is None else student_output
+
+    @property
+    def needs(self) -> tuple[OutputSpec, ...]:
+        """The raw teacher output."""
+        return (self._spec,)
+
+    def pair(self, student: Any, teacher: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(student[student_output], teacher[teacher_output] as a constant)``."""
+        return (student_output(student, self.student_output, self),
+                teacher_features(teacher, self._spec.name, self))
+
+    def extra_repr(self) -> str:
+        """Settings shown in ``repr(module)``."""
+        return f"teacher_output={self._spec.name!r}, student_output={self.student_output!r}"
+
+
+class HintLoss(PairLoss):
     """FitNets hints with the regressor ``r`` as a trainable part of the loss.
 
     Put the loss's parameters in the optimizer with the student's
@@ -129,7 +153,7 @@ class HintLoss(Loss):
     def __init__(self, student_channels: int, teacher_channels: int, *, teacher_output: str = "features",
                  student_output: str | None = None, adapter: str = "conv2d",
                  dtype: str = "float32", reduction: str = "mean") -> None:
-        super().__init__()
+        super().__init__(teacher_output, student_output, dtype)
         _check_reduction(reduction)
         if adapter == "linear":
             self.regressor = nn.Linear(student_channels, teacher_channels)
@@ -138,28 +162,16 @@ class HintLoss(Loss):
             self.regressor = conv(student_channels, teacher_channels, kernel_size=1)
         else:
             raise ConfigError(f"adapter must be 'conv2d', 'conv1d' or 'linear', got {adapter!r}")
-        self._spec = OutputSpec(teacher_output, "raw", dtype=dtype)
-        self.student_output = teacher_output if student_output is None else student_output
         self.reduction = reduction
-
-    @property
-    def needs(self) -> tuple[OutputSpec, ...]:
-        """The raw teacher activation."""
-        return (self._spec,)
 
     def forward(self, student: Mapping[str, torch.Tensor] | torch.Tensor, teacher: Any,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
         """``hint_loss(student[student_output], teacher[teacher_output], self.regressor)``."""
-        s = student_output(student, self.student_output, self)
-        t = teacher_features(teacher, self._spec.name, self)
+        s, t = self.pair(student, teacher)
         return hint_loss(s.to(self.regressor.weight.dtype), t, self.regressor, self.reduction)
 
-    def extra_repr(self) -> str:
-        """Settings shown in ``repr(module)``."""
-        return f"teacher_output={self._spec.name!r}, student_output={self.student_output!r}"
 
-
-class AttentionTransferLoss(Loss):
+class AttentionTransferLoss(PairLoss):
     """:func:`attention_transfer_loss` between a student activation and a teacher activation (no parameters).
 
     Weight it as the paper does with ``500 * AttentionTransferLoss(...)`` (β/2, β = 1000).
@@ -167,21 +179,9 @@ class AttentionTransferLoss(Loss):
 
     def __init__(self, teacher_output: str = "features", student_output: str | None = None,
                  dtype: str = "float32") -> None:
-        super().__init__()
-        self._spec = OutputSpec(teacher_output, "raw", dtype=dtype)
-        self.student_output = teacher_output if student_output is None else student_output
-
-    @property
-    def needs(self) -> tuple[OutputSpec, ...]:
-        """The raw teacher activation."""
-        return (self._spec,)
+        super().__init__(teacher_output, student_output, dtype)
 
     def forward(self, student: Mapping[str, torch.Tensor] | torch.Tensor, teacher: Any,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
         """The loss of one batch."""
-        return attention_transfer_loss(student_output(student, self.student_output, self),
-                                       teacher_features(teacher, self._spec.name, self))
-
-    def extra_repr(self) -> str:
-        """Settings shown in ``repr(module)``."""
-        return f"teacher_output={self._spec.name!r}, student_output={self.student_output!r}"
+        return attention_transfer_loss(*self.pair(student, teacher))

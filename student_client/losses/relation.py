@@ -35,9 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..outputs import OutputSpec
-from .base import Loss, student_output
-from .feature import teacher_features
+from .feature import PairLoss
 from .response import _compute_dtype, _constant
 
 __all__ = ["RKDLoss", "SimilarityPreservingLoss", "rkd_loss", "similarity_preserving_loss"]
@@ -97,29 +95,7 @@ def similarity_preserving_loss(student_feat: torch.Tensor, teacher_feat: torch.T
     return (gt - _gram(s)).pow(2).sum() / s.shape[0] ** 2
 
 
-class _RelationLoss(Loss):
-    """A loss between one student output and one raw teacher output, by name."""
-
-    def __init__(self, teacher_output: str, student_output: str | None, dtype: str) -> None:
-        super().__init__()
-        self._spec = OutputSpec(teacher_output, "raw", dtype=dtype)
-        self.student_output = teacher_output if student_output is None else student_output
-
-    @property
-    def needs(self) -> tuple[OutputSpec, ...]:
-        """The raw teacher output."""
-        return (self._spec,)
-
-    def pair(self, student: Any, teacher: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return (student_output(student, self.student_output, self),
-                teacher_features(teacher, self._spec.name, self))
-
-    def extra_repr(self) -> str:
-        """Settings shown in ``repr(module)``."""
-        return f"teacher_output={self._spec.name!r}, student_output={self.student_output!r}"
-
-
-class RKDLoss(_RelationLoss):
+class RKDLoss(PairLoss):
     """:func:`rkd_loss` between a student embedding and a teacher embedding (by output names)."""
 
     def __init__(self, teacher_output: str = "features", student_output: str | None = None, *,
@@ -133,7 +109,7 @@ class RKDLoss(_RelationLoss):
         return rkd_loss(*self.pair(student, teacher), self.distance_weight, self.angle_weight)
 
 
-class SimilarityPreservingLoss(_RelationLoss):
+class SimilarityPreservingLoss(PairLoss):
     """:func:`similarity_preserving_loss` between a student and a teacher activation (by output names)."""
 
     def __init__(self, teacher_output: str = "features", student_output: str | None = None, *,
