@@ -3,8 +3,8 @@
 Two optional outputs of the same numbers (:meth:`ReaderStats.summary`):
 
 * a tqdm progress bar (``progress=True``) per epoch, whose postfix shows
-  samples/s, live teachers and the share of time the training loop waited on
-  teachers;
+  samples/s, live teachers, the share of time the training loop waited on
+  teachers and the reader's own CPU per batch;
 * a log line every ``log_every`` batches (``logging``, INFO, logger
   ``student_client.reader``).
 
@@ -78,4 +78,5 @@ class ReaderProgress:
 
 
 def _postfix(s: ReaderStats) -> str:
-    return f"{s.samples_per_s:.0f} samples/s, {s.live_teachers} teachers, wait {s.wait_fraction:.0%}"
+    return (f"{s.samples_per_s:.0f} samples/s, {s.live_teachers} teachers, wait {s.wait_fraction:.0%}, "
+            f"reader {s.cpu_ms_per_batch:.2f} ms/batch")

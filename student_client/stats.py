@@ -125,6 +125,12 @@ class ReaderStats:
         wall_s: time spent inside epochs (from the first ``next()`` of an
             epoch until it ends), i.e. training steps plus waiting; time
             between epochs (evaluation, checkpoints) is not counted.
+        cpu_s: CPU time the training loop's thread spent inside the reader
+            (picking inputs, ``submit``, reading answers, moving them to the
+            device), the loader's own ``next()`` excluded: what the service
+            costs the training loop, beside ``wall_s / batches`` when steps
+            are tiny. Background threads (the pool's dispatcher, gRPC's) are
+            not included.
 
     ``wait_fraction`` (= ``wait_s / wall_s``) is the number to watch: near 0
     the teachers keep up; above ~0.1 the training loop is starved and more
@@ -137,11 +143,17 @@ class ReaderStats:
     source: SourceStats = field(default_factory=SourceStats)
     samples: int = 0
     wall_s: float = 0.0
+    cpu_s: float = 0.0
 
     @property
     def wait_fraction(self) -> float:
         """Share of ``wall_s`` spent waiting on teacher outputs, in [0, 1] (0 before any batch)."""
         return min(1.0, self.wait_s / self.wall_s) if self.wall_s > 0 else 0.0
+
+    @property
+    def cpu_ms_per_batch(self) -> float:
+        """``cpu_s`` per delivered batch, in milliseconds (0 before any batch)."""
+        return 1e3 * self.cpu_s / self.batches if self.batches else 0.0
 
     @property
     def samples_per_s(self) -> float:
@@ -172,16 +184,18 @@ class ReaderStats:
         """A flat summary for logs and reports (per-teacher details stay in ``source``)."""
         return {"batches": self.batches, "epochs": self.epochs, "samples": self.samples,
                 "wall_s": self.wall_s, "wait_s": self.wait_s, "wait_fraction": self.wait_fraction,
+                "cpu_s": self.cpu_s, "cpu_ms_per_batch": self.cpu_ms_per_batch,
                 "samples_per_s": self.samples_per_s, "retries": self.retries, "failovers": self.failovers,
                 "late_answers_dropped": self.source.late_answers_dropped,
                 "teachers": len(self.teachers), "live_teachers": self.live_teachers}
 
     def summary(self) -> str:
-        """One human-readable line: throughput, live teachers, waiting share, retries."""
+        """One human-readable line: throughput, live teachers, waiting share, the reader's CPU, retries."""
         remote = bool(self.source.teachers) or self.source.kind == "pool"
         where = f"{self.live_teachers} live teacher(s)" if remote else f"source {self.source.kind or 'custom'}"
         return (f"{self.batches} batches, {self.samples_per_s:.0f} samples/s, {where}, "
-                f"waiting on teachers {self.wait_fraction:.0%} of the time, {self.retries} retries, "
+                f"waiting on teachers {self.wait_fraction:.0%} of the time, "
+                f"reader CPU {self.cpu_ms_per_batch:.2f} ms/batch, {self.retries} retries, "
                 f"{self.failovers} failovers")
 
     def __str__(self) -> str:

@@ -149,3 +149,78 @@ def test_log_every_n_batches_logs_the_same_numbers(teacher, caplog) -> None:
 def test_log_every_is_validated(bad) -> None:
     with pytest.raises(ConfigError, match="log_every"):
         DistillReader([torch.zeros(1, 4)], source=_TimedSource(0.0), log_every=bad)
+
+
+def _burn(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+class _BusyLoader:
+    """Batches that cost ``loader_s`` of CPU to produce (like a heavy collate in the main process)."""
+
+    def __init__(self, n: int, loader_s: float) -> None:
+        self.n, self.loader_s = n, loader_s
+
+    def __iter__(self):
+        for i in range(self.n):
+            _burn(self.loader_s)
+            yield torch.full((2, 3), float(i))
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class _BusySource(_TimedSource):
+    """Answers at once, after spending ``submit_s`` of CPU in submit (a costly serializer)."""
+
+    def __init__(self, submit_s: float) -> None:
+        super().__init__(0.0)
+        self.submit_s = submit_s
+
+    def submit(self, request):
+        _burn(self.submit_s)
+        return super().submit(request)
+
+
+def test_reader_cpu_per_batch_counts_the_readers_work_and_not_the_loaders() -> None:
+    with DistillReader(_BusyLoader(10, loader_s=0.03), source=_BusySource(submit_s=0.0)) as cheap:
+        list(cheap)
+        cheap_stats = cheap.stats()
+    with DistillReader(_BusyLoader(10, loader_s=0.0), source=_BusySource(submit_s=0.01)) as costly:
+        list(costly)
+        costly_stats = costly.stats()
+    # 30 ms of loader CPU per batch is not the reader's; 10 ms in submit is.
+    assert 0 < cheap_stats.cpu_ms_per_batch < 10, cheap_stats.cpu_ms_per_batch
+    assert costly_stats.cpu_ms_per_batch >= 9, costly_stats.cpu_ms_per_batch
+    assert costly_stats.as_dict()["cpu_ms_per_batch"] == costly_stats.cpu_ms_per_batch
+
+
+def test_str_of_stats_is_one_line_and_repr_is_complete(teacher) -> None:
+    loader = DataLoader(IdDataset(16), batch_size=4)
+    with DistillReader(loader, teachers=[teacher.address]) as reader:
+        list(reader)
+        stats = reader.stats()
+    line = str(stats)
+    assert "\n" not in line and len(line) < 200 and not line.startswith("ReaderStats(")
+    assert line.startswith("4 batches, ") and "1 live teacher(s)" in line and "reader CPU " in line
+    assert "ms/batch" in line and "waiting on teachers" in line
+    full = repr(stats)
+    assert full.startswith("ReaderStats(") and teacher.address in full and "latency_p99_s" in full
+    (t,) = stats.teachers.values()
+    assert (t.state, t.breaker) == ("healthy", "closed")  # the breaker in words, and its machine name
+
+
+def test_a_teacher_that_left_keeps_the_transport_it_was_used_over(teacher) -> None:
+    from student_client import SourceRequest
+
+    with TeacherPool([teacher.address]) as pool:
+        deadline = time.monotonic() + 20
+        while pool.stats().teachers[teacher.address].transport != "local":  # same host: the socket
+            pool.submit(SourceRequest({"": torch.zeros(1, 4)}, "probe")).result(timeout=20)
+            assert time.monotonic() < deadline, pool.stats().teachers
+        pool.submit(SourceRequest({"": torch.zeros(1, 4)}, "over the socket")).result(timeout=20)
+        pool.set_endpoints([])
+        left = pool.stats().teachers[teacher.address]
+    assert (left.live, left.transport) == (False, "local")
