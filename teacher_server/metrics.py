@@ -25,6 +25,11 @@ edistill_teacher_compute_seconds        histogram  per forward pass: concat, for
 edistill_teacher_in_flight_requests     gauge      unary RPCs and local requests being handled
                                                    right now
 edistill_teacher_queue_depth            gauge      requests waiting for a batch slot
+edistill_teacher_tokens_total           counter    sequence models: tokens in forward passes
+                                                   (rows x longest length), by ``kind``
+                                                   (``real`` or ``padding``)
+edistill_teacher_padding_ratio          histogram  sequence models, per forward pass: padded
+                                                   tokens / tokens in the pass (padding waste)
 edistill_teacher_model_load_seconds     gauge      time to load and warm up the model
 edistill_teacher_build_info             gauge      always 1; labels ``version``, ``model``,
                                                    ``model_version``, ``device``, ``precision``
@@ -96,6 +101,11 @@ class TeacherMetrics:
                                          buckets=_SECONDS_BUCKETS, registry=r)
         self.in_flight = Gauge("edistill_teacher_in_flight_requests", "Unary RPCs being handled now.", registry=r)
         self.queue_depth = Gauge("edistill_teacher_queue_depth", "Requests waiting for a batch slot.", registry=r)
+        self.tokens = Counter("edistill_teacher_tokens", "Sequence models: tokens in forward passes by kind "
+                              "(real or padding added to merge lengths).", ("kind",), registry=r)
+        self.padding_ratio = Histogram("edistill_teacher_padding_ratio",
+                                       "Sequence models: padded tokens / tokens per forward pass.",
+                                       buckets=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0), registry=r)
         self.model_load_seconds = Gauge("edistill_teacher_model_load_seconds",
                                         "Seconds the model took to load and warm up.", registry=r)
         self.model_load_seconds.set(model_load_s)
@@ -121,6 +131,10 @@ class TeacherMetrics:
         if not record.failed:
             self.samples.inc(record.batch_size)
             self.compute_seconds.observe(record.compute_ms / 1000.0)
+        if record.tokens:
+            self.tokens.labels("real").inc(record.tokens - record.padded_tokens)
+            self.tokens.labels("padding").inc(record.padded_tokens)
+            self.padding_ratio.observe(record.padded_tokens / record.tokens)
 
     def attach(self, batcher: DynamicBatcher) -> None:
         """Listen to ``batcher``'s batches and report its queue depth."""

@@ -200,3 +200,20 @@ def test_position_bits_round_trip() -> None:
     packed = shared.pack_positions(mask)
     assert packed.shape == (3, 3) and packed.dtype.name == "uint8"
     assert (shared.unpack_positions(packed, 21) == mask.numpy()).all()
+
+
+def test_padding_waste_is_a_metric(model_dir) -> None:
+    from tests.test_metrics import scrape, value
+
+    # A long delay, so the second request joins the first one's pass even on a busy machine.
+    cfg = TeacherConfig(model_name="llama", max_queue_delay_ms=2000, metrics_port=0)
+    with BackgroundTeacher(cfg, load_model(model_dir)) as teacher, grpc.insecure_channel(teacher.address) as ch:
+        stub = pb_grpc.TeacherStub(ch)
+        stub.Describe(pb.DescribeRequest(), timeout=TIMEOUT_S)  # connected before the burst
+        spec = OutputSpec("logits", "log_probs", top_k=2)
+        futures = [stub.Predict.future(_request(_batch(1, n, n), spec), timeout=TIMEOUT_S) for n in (4, 12)]
+        assert [f.result().batch_size for f in futures] == [2, 2]  # one pass of 2 rows x 12 positions
+        m = scrape(f"http://127.0.0.1:{teacher.server.metrics.port}/metrics")
+    assert value(m, "edistill_teacher_tokens_total", kind="real") == 16
+    assert value(m, "edistill_teacher_tokens_total", kind="padding") == 8
+    assert value(m, "edistill_teacher_padding_ratio_sum") == pytest.approx(8 / 24)
