@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Set up (idempotent) and run the whole test suite. Used by .ci/run.
+# Set up (idempotent: the demo's packages plus the test extras) and run the
+# whole test suite. Used by .ci/run. Arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+EDISTILL_EXTRAS=plot,test bash scripts/setup.sh
 . .venv/bin/activate
 # glibc's default mmap threshold makes large gRPC messages 2-3x slower.
 export MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=268435456
