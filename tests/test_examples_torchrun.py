@@ -144,20 +144,28 @@ def dead_redis_url():
     return url
 
 
-@pytest.mark.parametrize("case", ["no_teachers", "unreachable_registry", "empty_service"])
+@pytest.mark.parametrize("case", ["no_teachers", "unreachable_registry", "empty_service", "outputs_do_not_fit"])
 def test_bad_configuration_fails_with_one_clear_line(case, teachers, dead_redis_url, tmp_path):
     redis, _ = teachers
+    wait_s = "1"
     args = {
         "no_teachers": [],
         "unreachable_registry": ["--registry", dead_redis_url, "--service", SERVICE],
         "empty_service": ["--registry", redis.url, "--service", "nobody-serves-this"],
+        # The teachers answer 4 logits per sample; this dataset has 3 classes.
+        "outputs_do_not_fit": ["--registry", redis.url, "--service", SERVICE, "--synthetic-features", str(FEATURES),
+                               "--synthetic-classes", str(CLASSES - 1), "--batch-size", str(BATCH)],
     }[case]
-    result = _run([sys.executable, str(SCRIPT), *args, "--dataset", "synthetic", "--wait-teachers-s", "1"])
+    if case == "outputs_do_not_fit":
+        wait_s = "30"  # the teachers are there: a generous wait for their health checks
+    result = _run([sys.executable, str(SCRIPT), *args, "--dataset", "synthetic", "--wait-teachers-s", wait_s])
     assert result.returncode == 2, result.stdout + result.stderr
     expected = {
         "no_teachers": "give exactly one of --registry URL",
         "unreachable_registry": "is unreachable, so no teacher could be discovered",
         "empty_service": "lists no live teacher for service 'nobody-serves-this'",
+        "outputs_do_not_fit": f"the teacher answered logits of shape ({BATCH}, {CLASSES}) for a batch of {BATCH} "
+                              f"samples of {CLASSES - 1} classes; serve a model for this dataset",
     }[case]
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
