@@ -84,6 +84,9 @@ def add_teacher_commands(sub: argparse._SubParsersAction) -> None:
                    help="input signature, repeatable, per sample (no batch dim), -1 = free dim; "
                         "overrides what the model file declares (env EDISTILL_INPUT_SPEC: specs separated "
                         "by ';'; any --input-spec on the command line replaces them all)")
+    p.add_argument("--features", default=None, metavar="PATH,PATH",
+                   help="also answer these submodules' activations as outputs, by module path "
+                        "(e.g. layer3,layer4; factory models only)")
     p.add_argument("--name", default=None, help="model name reported to students (default: from --model)")
     p.add_argument("--version", default=_defaults.model_version, help="model version reported to students")
     p.add_argument("--registry", default=None, metavar="URL",
@@ -268,6 +271,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
     from teacher_server._malloc import tune_malloc
+    from teacher_server.features import parse_features
     from teacher_server.model import load_model
     from teacher_server.server import run
 
@@ -276,7 +280,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(config.torch_threads)  # before the warm-up pass
     model = load_model(args.model, device=config.device, precision=config.precision,
                        checkpoint=args.checkpoint, model_kwargs=args.model_kwargs, input_specs=args.input_spec,
-                       trust_model_file=args.trust_model_file, trust_remote_code=args.trust_remote_code)
+                       trust_model_file=args.trust_model_file, trust_remote_code=args.trust_remote_code,
+                       features=parse_features(args.features))
 
     def _ready(address: str) -> None:
         print(f"{READY_PREFIX}{address}", flush=True)

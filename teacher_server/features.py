@@ -28,7 +28,7 @@ import torch
 
 from teacher_server.errors import ConfigError
 
-__all__ = ["FeatureTap", "parse_features"]
+__all__ = ["FeatureTap", "attach_features", "parse_features"]
 
 
 def parse_features(text: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -104,3 +104,20 @@ class FeatureTap:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+def attach_features(model: Any, paths: Sequence[str]) -> Any:
+    """Make a :class:`~teacher_server.model.LoadedModel` answer the activations of ``paths`` too; returns it.
+
+    The tap's hooks fire inside ``LoadedModel.run``'s forward pass, which adds
+    what they captured to the named outputs. The warm-up pass runs again, so
+    Describe lists the features with the model's own outputs (and a feature
+    that is not batch first, or not a tensor, fails at load time).
+    """
+    if not paths:
+        return model
+    if model.tap is not None:
+        model.tap.close()
+    model.tap = FeatureTap(model.module, paths, where=model.source)
+    model.warm_up()
+    return model

@@ -79,6 +79,8 @@ class LoadedModel:
     load_s: float = 0.0
     # teacher_server.hf.SequenceInfo for sequence models (mixed-length batching, token checks); else None.
     sequence: Any = None
+    # teacher_server.features.FeatureTap: submodule activations answered as outputs (--features); else None.
+    tap: Any = field(default=None, repr=False)
 
     @classmethod
     def from_module(
@@ -130,7 +132,10 @@ class LoadedModel:
             # Pinned staging lets the H2D copy run async with the host thread.
             batch = [t.pin_memory().to(self.device, non_blocking=True) for t in batch]
         with torch.inference_mode(), self._autocast():
-            return name_outputs(self.module(*batch))
+            outputs = name_outputs(self.module(*batch))
+            if self.tap is not None:  # activations the hooks captured in this same pass
+                outputs.update(self.tap.collect(outputs))
+            return outputs
 
     def example_batch(self, batch_size: int = _WARMUP_BATCH, free_dim: int = _WARMUP_FREE_DIM) -> list[torch.Tensor]:
         """Synthetic inputs matching the signature (seeded, for warm-up and benchmarks)."""
@@ -247,6 +252,7 @@ def load_model(
     input_specs: Sequence[Any] | None = None,
     trust_model_file: bool = False,
     trust_remote_code: bool = False,
+    features: Sequence[str] = (),
 ) -> LoadedModel:
     """Load ``spec`` (a file path or ``package.module:factory``), move it to ``device``, warm it up.
 
@@ -261,12 +267,17 @@ def load_model(
 
     A directory with a ``config.json`` is a Hugging Face causal LM
     (:mod:`teacher_server.hf`; ``trust_remote_code`` only for its own code).
+
+    ``features`` (``--features``): module paths whose activations are answered
+    as outputs too (:mod:`teacher_server.features`).
     """
     from teacher_server import hf  # here: hf imports this module
+    from teacher_server.features import attach_features
 
     if hf.is_hf_dir(spec):
         hf.check_options({"--checkpoint": checkpoint, "--model-kwargs": model_kwargs, "--input-spec": input_specs})
-        return hf.load_hf_model(spec, device=device, precision=precision, trust_remote_code=trust_remote_code)
+        model = hf.load_hf_model(spec, device=device, precision=precision, trust_remote_code=trust_remote_code)
+        return attach_features(model, features)
     t0 = time.perf_counter()
     dev = _device(device)
     explicit = coerce_specs(input_specs, where="--input-spec") if input_specs else None
@@ -295,6 +306,7 @@ def load_model(
         )
     model = LoadedModel(module, inputs, spec, fmt, dev, precision)
     model.warm_up()
+    attach_features(model, features)
     model.load_s = time.perf_counter() - t0
     return model
 

@@ -180,6 +180,7 @@ FLAG_SAMPLES: dict[str, tuple[str, object]] = {
     "--metrics-port": ("9100", 9100),
     "--checkpoint": ("/models/w.pt", "/models/w.pt"),
     "--model-kwargs": ('{"num_classes": 10}', '{"num_classes": 10}'),
+    "--features": ("layer3,layer4", "layer3,layer4"),
     "--name": ("resnet-x", "resnet-x"),
     "--version": ("v7", "v7"),
     "--registry": ("redis://r.example:6380/2", "redis://r.example:6380/2"),
