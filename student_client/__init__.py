@@ -16,6 +16,8 @@ torch/grpc are loaded only when used):
   :class:`RKDLoss`/:func:`rkd_loss`, :class:`SimilarityPreservingLoss`/:func:`similarity_preserving_loss`,
   :class:`CELoss`, :class:`WeightedLoss` and the :class:`Loss` protocol —
   losses that say which teacher outputs they need (:mod:`student_client.losses`).
+* :class:`SequenceKDLoss`/:func:`sequence_kd_loss` — token-level KL / JSD for language models;
+  :class:`Sampled` — sampled per-token answers.
 * :class:`Dense`, :class:`TopK` — dense and sparse teacher answers, carrying
   their transform and temperature.
 * recipes (:mod:`student_client.recipes`): :class:`Codistillation` over a
@@ -77,6 +79,8 @@ __all__ = [
     "RKDLoss",
     "ReaderStats",
     "RecordResult",
+    "Sampled",
+    "SequenceKDLoss",
     "SimilarityPreservingLoss",
     "SourceClosedError",
     "SourceRequest",
@@ -95,6 +99,7 @@ __all__ = [
     "kd_loss",
     "record",
     "rkd_loss",
+    "sequence_kd_loss",
     "similarity_preserving_loss",
 ]
 
@@ -127,6 +132,8 @@ _LAZY = {
     "RKDLoss": "losses",
     "ReaderStats": "stats",
     "RecordResult": "recording",
+    "Sampled": "outputs",
+    "SequenceKDLoss": "losses",
     "SimilarityPreservingLoss": "losses",
     "SourceRequest": "sources",
     "SourceStats": "stats",
@@ -141,6 +148,7 @@ _LAZY = {
     "kd_loss": "losses",
     "record": "recording",
     "rkd_loss": "losses",
+    "sequence_kd_loss": "losses",
     "similarity_preserving_loss": "losses",
 }
 
@@ -155,7 +163,8 @@ if TYPE_CHECKING:
     from .losses import (AttentionTransferLoss, CELoss, HintLoss, KDLoss, Loss, RKDLoss, SimilarityPreservingLoss,
                          WeightedLoss, attention_transfer_loss, hint_loss, kd_loss, rkd_loss,
                          similarity_preserving_loss)
-    from .outputs import Dense, OutputSpec, TopK
+    from .losses import SequenceKDLoss, sequence_kd_loss
+    from .outputs import Dense, OutputSpec, Sampled, TopK
     from .pool import TeacherPool
     from .reader import DistillReader
     from .recording import RecordResult, record

@@ -21,7 +21,9 @@ Modules, one family each (each loss cites its paper and gives its formula):
   :class:`SimilarityPreservingLoss`).
 * :mod:`.base` -- the protocol (:class:`Loss`) and :class:`WeightedLoss`.
 
-``sequence`` (token-level KL / JSD) follows the same protocol.
+* :mod:`.sequence` -- token-level forward/reverse KL and generalized JSD for
+  language models over dense, top-k or sampled teachers, masked and chunked
+  (:func:`sequence_kd_loss`, :class:`SequenceKDLoss`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from .base import Loss, WeightedLoss
 from .feature import AttentionTransferLoss, HintLoss, attention_transfer_loss, hint_loss
 from .relation import RKDLoss, SimilarityPreservingLoss, rkd_loss, similarity_preserving_loss
 from .response import CELoss, KDLoss, kd_loss
+from .sequence import SequenceKDLoss, sequence_kd_loss
 
-__all__ = ["AttentionTransferLoss", "CELoss", "HintLoss", "KDLoss", "Loss", "RKDLoss", "SimilarityPreservingLoss",
-           "WeightedLoss", "attention_transfer_loss", "hint_loss", "kd_loss", "rkd_loss",
-           "similarity_preserving_loss"]
+__all__ = ["AttentionTransferLoss", "CELoss", "HintLoss", "KDLoss", "Loss", "RKDLoss", "SequenceKDLoss",
+           "SimilarityPreservingLoss", "WeightedLoss", "attention_transfer_loss", "hint_loss", "kd_loss", "rkd_loss",
+           "sequence_kd_loss", "similarity_preserving_loss"]
