@@ -154,7 +154,7 @@ def record(loader: Any, source: KnowledgeSource, out_dir: str | os.PathLike, *,
            sample_keys: Callable[[Any], Any] | None = None, outputs: Any = None,
            teacher_input: Callable[[Any], Any] | None = None, window: int = 8, shard_rows: int = 4096,
            rank: int | None = None, teacher: TeacherInfo | None = None, progress: bool = False,
-           describe_timeout_s: float = 30.0) -> RecordResult:
+           describe_timeout_s: float = 30.0, token_codec: str = "exact") -> RecordResult:
     """Record ``source``'s answers for every sample of ``loader`` into ``out_dir`` (resumable).
 
     Args:
@@ -170,6 +170,9 @@ def record(loader: Any, source: KnowledgeSource, out_dir: str | os.PathLike, *,
         rank: this recorder's rank (default ``$RANK``, else 0); names its files.
         teacher: the model name/version to write into the manifest (default: :func:`teacher_info`).
         progress: a tqdm bar on stderr.
+        token_codec: per-token answers of language models: ``"exact"`` (as sent) or
+            ``"compact"`` (log-probs quantized to 1/16 nat, token ids gap-coded;
+            about half the bytes, see :mod:`student_client.cache._tokens`).
 
     Raises:
         CacheMismatchError: ``out_dir`` holds another recording, or the teacher changed meanwhile.
@@ -206,7 +209,10 @@ def record(loader: Any, source: KnowledgeSource, out_dir: str | os.PathLike, *,
                                          f"it is now {now}; the rows since the last shard were not written. Record "
                                          "the new model into a new directory")
 
-    writer = CacheWriter(directory, specs, info, rank=rank, shard_rows=shard_rows, before_shard=check_teacher)
+    if token_codec not in ("exact", "compact"):
+        raise ConfigError(f"token_codec must be 'exact' or 'compact', got {token_codec!r}")
+    writer = CacheWriter(directory, specs, info, rank=rank, shard_rows=shard_rows, before_shard=check_teacher,
+                         token_codec=token_codec)
     wrapped = _Unrecorded(source, done)
     try:
         with DistillReader(loader, wrapped, window=window, teacher_input=teacher_input, sample_keys=sample_keys,

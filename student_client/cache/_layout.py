@@ -10,6 +10,9 @@ Per output ``name`` (rows = samples, in the shard's key order):
   smallest unsigned dtype that holds the last dimension ``C`` (uint8 up to
   256 classes, uint16 up to 65,536, else int32), widened back to int64 on read.
 
+* per-token answers of language models (a spec with ``mask``, ``tail`` or
+  ``sample``): ragged rows of answered positions, :mod:`._tokens`.
+
 The layout (``kind``, ``transform``, ``temperature``, ``dtype``, per-sample
 shapes) is in the shard's metadata, so an answer read back carries the
 metadata it was recorded with, and equals the live answer bit for bit.
@@ -20,7 +23,8 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from ..errors import CacheError, ConfigError
-from ..outputs import OutputSpec, TopK, dense_answer
+from ..outputs import OutputSpec, Sampled, TopK, dense_answer
+from ._tokens import token_columns, token_gather, token_layout
 
 __all__ = ["ColumnBuffer", "columns", "gather", "index_dtype", "layout_of"]
 
@@ -34,10 +38,17 @@ def _dtype_name(t: Any) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def layout_of(name: str, answer: Any) -> dict:
+def _is_tokens(answer: Any, spec: OutputSpec | None) -> bool:
+    return isinstance(answer, Sampled) or (isinstance(answer, TopK) and (
+        answer.mask is not None or answer.tail is not None or (spec is not None and spec.token_level)))
+
+
+def layout_of(name: str, answer: Any, spec: OutputSpec | None = None, token_codec: str = "exact") -> dict:
     """The layout of one batch's answer for output ``name`` (per-sample shapes, no row count)."""
     import torch
 
+    if _is_tokens(answer, spec):
+        return token_layout(answer, token_codec)
     if isinstance(answer, TopK):
         return {"kind": "topk", "transform": answer.transform, "temperature": float(answer.temperature),
                 "dtype": _dtype_name(answer.values), "k": answer.k, "dense_shape": list(answer.dense_shape[1:]),
@@ -54,6 +65,8 @@ def columns(name: str, answer: Any, layout: dict) -> dict[str, Any]:
     """The shard tensors of one answer (row-major, CPU, indices in the compact dtype)."""
     import torch
 
+    if layout["kind"] == "tokens":
+        return token_columns(name, answer, layout)
     if layout["kind"] == "topk":
         return {f"{name}.values": answer.values.detach().cpu(),
                 f"{name}.indices": answer.indices.to(getattr(torch, layout["index_dtype"])).cpu()}
@@ -63,8 +76,9 @@ def columns(name: str, answer: Any, layout: dict) -> dict[str, Any]:
 class ColumnBuffer:
     """The rows of one shard being filled: keys and each output's tensors, batch by batch."""
 
-    def __init__(self, specs: Sequence[OutputSpec]) -> None:
+    def __init__(self, specs: Sequence[OutputSpec], token_codec: str = "exact") -> None:
         self.specs = tuple(specs)
+        self.token_codec = token_codec
         self.keys: list = []
         self.layouts: dict[str, dict] = {}
         self._parts: dict[str, list] = {}
@@ -80,8 +94,8 @@ class ColumnBuffer:
                 raise CacheError(f"the source answered without output {spec.name!r} "
                                  f"(it sent: {', '.join(answers) or 'nothing'})")
             answer = answers[spec.name]
-            layout = layout_of(spec.name, answer)
-            rows = answer.dense_shape[0] if isinstance(answer, TopK) else answer.shape[0]
+            layout = layout_of(spec.name, answer, spec, self.token_codec)
+            rows = answer.dense_shape[0] if isinstance(answer, (TopK, Sampled)) else answer.shape[0]
             if rows != len(keys):
                 raise CacheError(f"output {spec.name!r} has {rows} rows for {len(keys)} sample keys")
             seen = self.layouts.setdefault(spec.name, layout)
@@ -103,14 +117,20 @@ class ColumnBuffer:
         return out
 
 
-def gather(name: str, layout: dict, parts: Sequence[tuple[Mapping[str, Any], Any, Any]], batch: int) -> Any:
+def gather(name: str, layout: dict, parts: Sequence[tuple[Mapping[str, Any], Any, Any]], batch: int,
+           request: tuple | None = None) -> Any:
     """One output's answer for a batch of ``batch`` rows, from rows of several shards.
 
     Args:
         parts: ``(shard tensors, rows in that shard, positions in the batch)``
-            per shard (int64 index tensors).
+            per shard (int64 index tensors; positions None: rows are in batch order).
+        request: ``(spec, inputs, keys)`` of the batch (per-token answers take
+            their length and mask from the inputs).
     """
     import torch
+
+    if layout["kind"] == "tokens":
+        return _gather_tokens(name, layout, parts, batch, request)
 
     def assemble(tname: str, per_sample: Sequence[int], dtype) -> "torch.Tensor":
         out = torch.empty((batch, *per_sample), dtype=dtype)
@@ -129,3 +149,18 @@ def gather(name: str, layout: dict, parts: Sequence[tuple[Mapping[str, Any], Any
     if layout["kind"] == "dense":
         return dense_answer(assemble(name, layout["shape"], dtype), layout["transform"], layout["temperature"])
     raise ConfigError(f"output {name!r} is stored as {layout['kind']!r}, which this version cannot read")
+
+
+def _gather_tokens(name: str, layout: dict, parts, batch: int, request: tuple | None) -> Any:
+    samples: list = [None] * batch
+    for tensors, rows, where in parts:
+        for j, r in enumerate(rows.tolist()):
+            samples[j if where is None else int(where[j])] = (tensors, r)
+    spec, inputs, keys = request if request is not None else (None, {}, list(range(batch)))
+    length, asked = None, None
+    if spec is not None and spec.mask and spec.mask in inputs:
+        asked = inputs[spec.mask] != 0  # (B, L): the positions a live teacher would answer now
+        length = int(asked.shape[1])
+    else:
+        length = next((int(v.shape[1]) for v in inputs.values() if getattr(v, "dim", lambda: 0)() >= 2), None)
+    return token_gather(name, layout, samples, keys, length, asked)

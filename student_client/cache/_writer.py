@@ -44,6 +44,7 @@ class CacheWriter:
         shard_rows: rows per shard; a smaller shard loses less to a kill, a larger one has
             less per-file overhead.
         on_shard: called with ``(Shard, meta, tensors)`` after each shard is on disk.
+        token_codec: ``"exact"`` or ``"compact"`` for per-token answers (:mod:`._tokens`).
         before_shard: called before each shard is written; an exception it raises
             stops the writer (the buffered rows are dropped) and propagates.
     """
@@ -51,7 +52,7 @@ class CacheWriter:
     def __init__(self, directory: pathlib.Path, specs: Sequence[OutputSpec], teacher: TeacherInfo, *,
                  rank: int = 0, shard_rows: int = 4096,
                  on_shard: Callable[[Shard, dict, dict], None] | None = None,
-                 before_shard: Callable[[], None] | None = None) -> None:
+                 before_shard: Callable[[], None] | None = None, token_codec: str = "exact") -> None:
         if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
             raise ConfigError(f"shard_rows must be an int >= 1, got {shard_rows!r}")
         self.directory = pathlib.Path(directory)
@@ -62,7 +63,7 @@ class CacheWriter:
         self.before_shard = before_shard
         self.shards: list[pathlib.Path] = []
         self.rows_written = 0
-        self._buf = ColumnBuffer(specs)
+        self._buf = ColumnBuffer(specs, token_codec)
         self._key_type: type | None = None
         self._seq = 0
         self._lock = threading.Lock()  # write-back adds from pool threads

@@ -98,12 +98,15 @@ class CachedTeacher(KnowledgeSource):
         self._closed = False
         for shard in list_shards(self.directory):
             self._register(shard, read_meta(shard))
+        # how written-back per-token answers are stored: as the recording did
+        self._token_codec = next((la["codec"] for la in self._layouts.values() if la["kind"] == "tokens"), "exact")
         self._writer = None
         if write_back:
             if {s.name for s in self._specs} != {s.name for s in recorded}:
                 raise ConfigError("write_back=True writes every recorded output, so ask for all of them "
                                   f"(outputs=None or {[s.name for s in recorded]}), got {[s.name for s in self._specs]}")
             self._writer = CacheWriter(self.directory, recorded, self.teacher, shard_rows=shard_rows,
+                                       token_codec=self._token_codec,
                                        on_shard=self._written)
 
     # ------------------------------------------------------------------ info
@@ -156,7 +159,8 @@ class CachedTeacher(KnowledgeSource):
             parts = self._parts(shard_no, rows, hit, len(keys))
             if hit.all():
                 self._count("completed", hits=len(keys))
-                out.set_result({s.name: gather(s.name, self._layouts[s.name], parts, len(keys)) for s in self._specs})
+                out.set_result({s.name: gather(s.name, self._layouts[s.name], parts, len(keys), (s, inputs, keys))
+                                for s in self._specs})
                 return out
             missing = np.flatnonzero(~hit)
             missing_keys = [keys[i] for i in missing]
@@ -200,12 +204,13 @@ class CachedTeacher(KnowledgeSource):
                 merged = {}
                 for spec in self._specs:
                     a = answers[spec.name]
-                    layout = self._layouts.setdefault(spec.name, layout_of(spec.name, a))
-                    if layout_of(spec.name, a) != layout:
-                        raise CacheError(f"the fallback answered output {spec.name!r} as {layout_of(spec.name, a)}, "
+                    theirs = layout_of(spec.name, a, spec, self._token_codec)
+                    layout = self._layouts.setdefault(spec.name, theirs)
+                    if theirs != layout:
+                        raise CacheError(f"the fallback answered output {spec.name!r} as {theirs}, "
                                          f"the cache holds {layout}; give it the recorded OutputSpec")
                     own = (columns(spec.name, a, layout), torch.arange(len(missing)), idx)
-                    merged[spec.name] = gather(spec.name, layout, [*parts, own], len(keys))
+                    merged[spec.name] = gather(spec.name, layout, [*parts, own], len(keys), (spec, inputs, keys))
                 if self._writer is not None:
                     self._writer.add(missing_keys, answers)
             except BaseException as exc:  # the future must resolve whatever happened
