@@ -55,7 +55,7 @@ import threading
 import time
 from typing import Any
 
-from student_client._demo_data import Digits, NoisyDataset, accuracy, train_teacher
+from student_client._demo_data import Digits, EpochOrder, NoisyDataset, accuracy, check_epoch, train_teacher
 from student_client._demo_fleet import SERVICE, LiveSampler, TeacherFleet, check_registry
 from student_client._demo_report import format_report, mean_std, plot_runs
 from student_client.errors import ConfigError
@@ -112,10 +112,18 @@ class DemoConfig:
 class _RunResult:
     accuracy: float
     curve: list[tuple[int, float]]  # (step, test accuracy)
-    delivered: int = 0
-    lost: int = 0
+    delivered: int = 0  # samples
+    lost: int = 0  # batches, over every epoch of the run, the last (partial) one included
     duplicated: int = 0
+    epochs_complete: int = 0
+    partial_batches: int = 0  # batches of the last epoch when the step budget cut it short
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def delivery(self, label: str, seed: int, fault: bool) -> dict[str, Any]:
+        """What the report says about this run's batches."""
+        return {"run": label, "seed": seed, "fault": fault, "samples": self.delivered,
+                "epochs_complete": self.epochs_complete, "partial_batches": self.partial_batches,
+                "lost": self.lost, "duplicated": self.duplicated}
 
 
 def _train_student(data: Digits, cfg: DemoConfig, seed: int, *, mode: str, registry: str | None,
@@ -139,8 +147,8 @@ def _train_student(data: Digits, cfg: DemoConfig, seed: int, *, mode: str, regis
     labelled[order[: cfg.labelled]] = True
     ids = torch.arange(n) if mode == "distilled" else order[: cfg.labelled]
     dataset = NoisyDataset(data.x_train, data.y_train, ids, labelled, cfg.noise_std, seed)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
+    sampler = EpochOrder(len(dataset), seed)  # says which batches each epoch must deliver
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler)
     result = _RunResult(accuracy=0.0, curve=[])
     reader = None
     if mode != "hard":
@@ -152,11 +160,12 @@ def _train_student(data: Digits, cfg: DemoConfig, seed: int, *, mode: str, regis
     fault_at = cfg.steps // 2 if fault is not None else None
     try:
         while step < cfg.steps:
-            dataset.epoch = epoch
-            seen: list[int] = []
+            dataset.epoch = sampler.epoch = epoch
+            delivered: list[tuple[int, ...]] = []  # each batch's sample ids, as the loop got them
+            stopped = False
             source = reader if reader is not None else ((b, None) for b in loader)
             for (x, y, sid), teacher_out in source:
-                seen.extend(sid.tolist())
+                delivered.append(tuple(sid.tolist()))
                 logits = student(x)  # (B, 10)
                 # CE only over labelled samples (label -1 = unlabelled)
                 if teacher_out is None:
@@ -177,14 +186,19 @@ def _train_student(data: Digits, cfg: DemoConfig, seed: int, *, mode: str, regis
                     fault()
                     fault_at = None
                 if step >= cfg.steps:
+                    stopped = True
                     break
+            # Every epoch is checked, the one the step budget cut short too (the run with the
+            # killed teacher may never finish one): each expected batch once, in order.
+            lost, duplicated = check_epoch(sampler.batches(epoch, cfg.batch_size, ids), delivered,
+                                           complete=not stopped)
+            result.lost += lost
+            result.duplicated += duplicated
+            result.delivered += sum(len(b) for b in delivered)
+            if stopped and len(set(delivered)) < len(loader):
+                result.partial_batches = len(delivered)
             else:
-                # a complete epoch: every sample exactly once
-                expect = sorted(int(i) for i in ids)
-                got = sorted(seen)
-                result.lost += len(set(expect) - set(got))
-                result.duplicated += len(got) - len(set(got))
-            result.delivered += len(seen)
+                result.epochs_complete += 1
             epoch += 1
         if reader is not None:
             result.stats = reader.stats()
@@ -258,6 +272,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         modes = [("hard labels", "hard"), ("distilled", "distilled"),
                  ("distilled, labelled inputs only", "distilled-labelled")]
         runs: dict[str, list[_RunResult]] = {label: [] for label, _ in modes}
+        delivery: list[dict[str, Any]] = []
         total = cfg.steps * cfg.seeds * len(modes)
         with tqdm(total=total, desc="training students", unit="step", disable=not cfg.progress,
                   file=sys.stderr, dynamic_ncols=True) as bar:
@@ -269,6 +284,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                                        fault=fault if with_fault else None, bar=bar)
                     seen_endpoints |= set(watcher.snapshot())
                     runs[label].append(r)
+                    if mode != "hard":
+                        delivery.append(r.delivery(label, seed, with_fault))
 
         for thread in replacement:
             thread.join()
@@ -291,6 +308,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             "batches_lost": sum(r.lost for r in distilled_runs),
             "batches_duplicated": sum(r.duplicated for r in distilled_runs),
             "samples_delivered": sum(r.delivered for r in distilled_runs),
+            "delivery": delivery,  # per run with teachers: epochs, the partial one, lost, duplicated
             "events": events,
             "seconds": None,
             "out_dir": str(out),
@@ -312,6 +330,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.lm:  # the language-model demo lives in its own module
+        from student_client._demo_lm import cmd_lm_demo
+
+        return cmd_lm_demo(args)
     if str(getattr(args, "log_level", "INFO")).upper() == "INFO":
         # The failover the demo provokes is reported in its table; per-request
         # warnings from the library would only interleave with the progress bar.
@@ -340,4 +362,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="directory for report.json and demo.png (default: a temp dir)")
     p.add_argument("--no-fault", action="store_true", help="do not kill and replace a teacher mid-training")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--lm", action="store_true", help="the language-model demo: a Llama teacher trained on Python's "
+                   "standard library, top-k / sampled / dense KD of a smaller student (needs edistill[hf])")
     p.set_defaults(func=_cmd_demo)
