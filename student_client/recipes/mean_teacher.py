@@ -57,7 +57,8 @@ class DecoupledMeanTeacher(nn.Module):
         temperature: T of every distillation term (3).
         ensemble_decay / ensemble_floor: ``w(e) = exp(-ensemble_decay·e)``,
             0 below ``ensemble_floor`` (0.5 and 0.01).
-        consistency_weight / rampup_epochs: λ and E_r of the ramp-up ``r(e)``.
+        consistency_weight / rampup_epochs: λ and E_r of the ramp-up ``r(e)``
+            (0.1 and 80, the reference code's; scale E_r to a shorter run).
 
     Raises:
         ConfigError: mismatched lists, a teacher that *is* its student or
@@ -66,7 +67,7 @@ class DecoupledMeanTeacher(nn.Module):
 
     def __init__(self, students: Sequence[nn.Module], teachers: Sequence[nn.Module], *, ema_decay: float = 0.999,
                  temperature: float = 3.0, ensemble_decay: float = 0.5, ensemble_floor: float = 0.01,
-                 consistency_weight: float = 1.0, rampup_epochs: float = 80.0) -> None:
+                 consistency_weight: float = 0.1, rampup_epochs: float = 80.0) -> None:
         super().__init__()
         if not students or len(students) != len(teachers):
             raise ConfigError(f"need one teacher per student, got {len(students)} students, {len(teachers)} teachers")
