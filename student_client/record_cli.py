@@ -74,8 +74,10 @@ def _cmd_record(args: argparse.Namespace) -> int:
     pool = (TeacherPool(args.teachers, outputs) if args.teachers
             else TeacherPool.from_registry(args.registry, args.service, outputs))
     with pool:
+        names = [n.strip() for n in args.inputs.split(",")] if args.inputs else None
+        pick = (lambda batch: {n: batch[n] for n in names}) if names else None
         result = record(loader, pool, args.out, shard_rows=args.shard_rows, window=args.window, rank=args.rank,
-                        progress=args.progress)
+                        progress=args.progress, teacher_input=pick, token_codec=args.token_codec)
     of = f" of {result.dataset_size}" if result.dataset_size is not None else ""
     print(f"edistill record: {result.recorded} samples recorded, {result.skipped} already there; {result.directory} "
           f"holds {result.cached}{of} samples from {result.teacher}", file=sys.stdout, flush=True)
@@ -89,13 +91,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="package.module:function returning a dataset or a DataLoader")
     p.add_argument("--out", required=True, help="the cache directory (created; a rerun resumes)")
     p.add_argument("--teachers", nargs="+", default=None, metavar="HOST:PORT", help="teacher endpoints")
-    p.add_argument("--registry", default=None, help="Redis URL of the registry (or $EDISTILL_REGISTRY)")
+    p.add_argument("--registry", default=None, help="Redis URL of the registry")
     p.add_argument("--service", default=None, help="the teachers' service in the registry")
     p.add_argument("--output", action="append", default=[], metavar="SPEC",
                    help="output to record, NAME[,transform=raw|probs|log_probs,temperature=T,top_k=K,"
                         "dtype=float32|float16|bfloat16]; repeatable (default: logits)")
     p.add_argument("--batch-size", type=int, default=256, help="DataLoader batch size for a dataset (default 256)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for a dataset (default 0)")
+    p.add_argument("--inputs", default=None, metavar="NAME,NAME",
+                   help="dict batches: the keys sent as the model's named inputs (e.g. input_ids,attention_mask); "
+                        "default: the first element of a tuple batch, or its 'input' key")
+    p.add_argument("--token-codec", choices=("exact", "compact"), default="exact",
+                   help="per-token answers of language models: as sent, or compact (log-probs in 1/16-nat steps)")
     p.add_argument("--shard-rows", type=int, default=4096, help="samples per shard (default 4096)")
     p.add_argument("--window", type=int, default=8, help="batches in flight (default 8)")
     p.add_argument("--rank", type=int, default=None, help="this recorder's rank (default $RANK, else 0)")
