@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from student_client.demo import DemoConfig
 
-__all__ = ["Digits", "NoisyDataset", "accuracy", "train_teacher"]
+__all__ = ["Digits", "EpochOrder", "NoisyDataset", "accuracy", "check_epoch", "train_teacher"]
 
 
 class Digits:
@@ -50,6 +50,49 @@ class NoisyDataset:
         x = self.x[sid] + self.noise_std * torch.randn(self.x.shape[1], generator=g)
         label = int(self.y[sid]) if bool(self.mask[sid]) else -1  # -1: no label (ignored by CE)
         return x, label, sid
+
+
+class EpochOrder:
+    """A DataLoader sampler: a seeded permutation of the dataset per epoch (set :attr:`epoch` first).
+
+    The run knows from it which samples every batch of an epoch must hold, so
+    what the training loop receives can be checked batch by batch, also for
+    an epoch the step budget cuts short.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def order(self, epoch: int) -> list[int]:
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def batches(self, epoch: int, batch_size: int, ids) -> list[tuple[int, ...]]:
+        """The sample ids of each batch the loader yields in ``epoch``, in order."""
+        order = self.order(epoch)
+        return [tuple(int(ids[i]) for i in order[j:j + batch_size]) for j in range(0, self.n, batch_size)]
+
+    def __iter__(self):
+        return iter(self.order(self.epoch))
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def check_epoch(expected: list[tuple[int, ...]], delivered: list[tuple[int, ...]], *,
+                complete: bool) -> tuple[int, int]:
+    """``(lost, duplicated)`` batches of one epoch: ``delivered`` (what the loop got) vs ``expected``.
+
+    Delivery is in order, so an epoch stopped early (``complete=False``: the
+    step budget ran out) must hold the first ``k`` expected batches, ``k``
+    being the number of distinct batches it got; a complete one, all of them.
+    A duplicate counts once as duplicated, never also as lost.
+    """
+    distinct = set(delivered)
+    want = expected if complete else expected[:len(distinct)]
+    return len(set(want) - distinct), len(delivered) - len(distinct)
 
 
 def train_teacher(data: Digits, cfg: DemoConfig):
