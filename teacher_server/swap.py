@@ -61,6 +61,10 @@ def prepare_model(server: "TeacherServer", model: Any, *, source: str = "<swappe
             raise ConfigError(f"swap needs an nn.Module, a callable or a LoadedModel, got {type(model).__name__}")
         model = LoadedModel.from_module(model, current.inputs, device=str(current.device),
                                         precision=current.precision, source=source)
+    if getattr(current, "tap", None) is not None and model.tap is None:  # keep answering the --features
+        from teacher_server.features import attach_features
+
+        attach_features(model, current.tap.paths)
     for what in ("inputs", "outputs"):
         old, new = getattr(current, what), getattr(model, what)
         if tuple(old) != tuple(new):

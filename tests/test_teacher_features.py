@@ -60,6 +60,19 @@ def test_load_model_names_a_bad_feature_path():
     assert [(s.name, s.shape) for s in model.outputs] == [("logits", (10,)), ("1", (128,))]  # Describe's list
 
 
+def test_a_swapped_in_model_keeps_the_features():
+    from types import SimpleNamespace
+
+    from teacher_server.features import attach_features
+    from teacher_server.model import LoadedModel
+    from teacher_server.swap import prepare_model
+    from teacher_server.zoo import mlp
+
+    served = attach_features(LoadedModel.from_module(mlp()), ["1"])
+    new = prepare_model(SimpleNamespace(model=served), mlp())
+    assert [s.name for s in new.outputs] == ["logits", "1"] and new.tap.paths == ("1",)
+
+
 def test_a_served_teacher_answers_features_by_name_and_a_cache_records_them(tmp_path):
     """A real teacher process with --features; answers by name, equal to the activation in-process; recorded."""
     from torch.utils.data import DataLoader, TensorDataset
