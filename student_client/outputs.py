@@ -127,7 +127,7 @@ class OutputSpec:
         return bool(self.sample or self.tail or self.mask)
 
     def to_proto(self) -> pb.OutputRequest:
-        """The wire form of this spec (indices asked for in their compact dtype)."""
+        """The wire form of this spec (per-token indices asked for in their compact dtype)."""
         return pb.OutputRequest(
             name=self.name,
             transform=_TRANSFORMS[self.transform],
@@ -138,7 +138,8 @@ class OutputSpec:
             seed=self.seed,
             tail=self.tail,
             mask=self.mask,
-            compact_indices=bool(self.top_k or self.sample),
+            # per-token answers only: a classification top-k keeps int64 (no widening copy per batch)
+            compact_indices=self.token_level,
         )
 
 
@@ -499,8 +500,7 @@ def decode_response(resp: pb.PredictResponse, specs: Sequence[OutputSpec], *,
             if spec.top_k > 0:
                 if not o.HasField("indices"):
                     raise codec.CodecError(f"output {spec.name!r}: top-k answer without indices")
-                indices = _widened(codec.to_torch(o.indices, what=f"output {spec.name!r} indices"),
-                                   int(o.dense_shape[-1]) if o.dense_shape else 0)
+                indices = codec.to_torch(o.indices, what=f"output {spec.name!r} indices")
                 dense_shape = tuple(int(d) for d in o.dense_shape)
                 _check_top_k(spec.name, spec, values, indices, dense_shape)
                 _check_rows(spec.name, dense_shape, batch_size)
