@@ -256,3 +256,24 @@ def test_teacher_and_student_use_the_codecs_dtype_maps() -> None:
     assert wire._WIRE_OF_NP is codec.WIRE_OF_NP
     assert wire.torch_wire_dtype(torch.zeros(1, dtype=torch.bfloat16)) == pb.BFLOAT16
     assert wire._torch_wire() is codec.torch_dtype_maps()[1]
+
+
+def test_old_style_messages_parse_with_the_per_token_fields_unset() -> None:
+    """Fields 1-5 of OutputRequest and 1-7 of Output as an older peer writes them, byte by byte."""
+    from protos.codec import varint
+
+    name = b"logits"
+    old_request = (b"\x0a" + varint(len(name)) + name + b"\x10\x02" + b"\x1d" + np.float32(2.0).tobytes()
+                   + b"\x20\x05" + b"\x28\x02")
+    req = pb.OutputRequest.FromString(old_request)
+    assert (req.name, req.transform, req.temperature, req.top_k, req.dtype) == ("logits", pb.LOG_PROBS, 2.0, 5,
+                                                                                  pb.FLOAT16)
+    assert (req.sample, req.seed, req.tail, req.mask, req.compact_indices) == (0, 0, False, "", False)
+    values = codec.encode(np.zeros((2, 5), np.float32)).SerializeToString()
+    indices = codec.encode(np.zeros((2, 5), np.int64)).SerializeToString()
+    old_output = (b"\x0a" + varint(len(name)) + name + b"\x12" + varint(len(values)) + values
+                  + b"\x1a" + varint(len(indices)) + indices + b"\x22\x02\x02\x0a" + b"\x38\x05")
+    out = pb.Output.FromString(old_output)
+    assert list(out.dense_shape) == [2, 10] and out.top_k == 5 and out.indices.dtype == pb.INT64
+    assert not out.HasField("tail") and not out.HasField("position_mask") and out.sample == 0
+    assert pb.UINT16 == 8 and codec.dtype_name(pb.UINT16) == "uint16"  # appended, old values unchanged
