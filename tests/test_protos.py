@@ -82,6 +82,7 @@ _WIRE_FIXTURES = {
     "int32": (5, torch.int32, [-2, 7, 2**31 - 1], struct.pack("<3i", -2, 7, 2**31 - 1)),
     "uint8": (6, torch.uint8, [0, 7, 255], bytes([0, 7, 255])),
     "bool": (7, torch.bool, [True, False, True], bytes([1, 0, 1])),
+    "uint16": (8, torch.uint16, [0, 513, 65535], struct.pack("<3H", 0, 513, 65535)),
 }
 
 
