@@ -127,3 +127,27 @@ def test_inactive_or_alone_answers_empty_at_once(group) -> None:
     wait_until(lambda: not source.stats().live_peers, timeout_s=TIMEOUT_S, what="both peers gone")
     assert _ask(source) == {}
     assert source.stats().alone == 2
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("exchange_every", 0, "exchange_every must be an int >= 1, got 0"),
+    ("burn_in", -1, "burn_in must be an int >= 0"),
+    ("temperature", 0.0, "temperature must be a finite number > 0"),
+    ("distill_weight", float("nan"), "distill_weight must be a finite number >= 0"),
+    ("ttl_s", 0.4, "need ttl_s > heartbeat_s > 0"),
+    ("group", "", "group must be a non-empty peer group name"),
+])
+def test_codistill_config_names_the_bad_value(field, value, message) -> None:
+    from student_client import ConfigError
+    from student_client.recipes import CodistillConfig
+
+    with pytest.raises(ConfigError, match=message):
+        CodistillConfig(**{"registry": "redis://127.0.0.1:1/0", "group": "g", field: value})
+
+
+def test_codistillation_without_an_input_signature_says_how_to_give_one() -> None:
+    from student_client import ConfigError
+    from student_client.recipes import CodistillConfig, Codistillation
+
+    with pytest.raises(ConfigError, match=r"inputs=\[\('x', 'float32'"):
+        Codistillation(nn.Linear(3, C), [], CodistillConfig(registry="redis://127.0.0.1:1/0", group="g"))
