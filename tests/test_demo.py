@@ -30,7 +30,7 @@ _SMALL = dict(seeds=1, steps=40, teacher_epochs=5, eval_every_steps=10)
 # runs are seeded and, on a given machine, deterministic: seeds 0 and 1 gain 7.2 and 13.1
 # points here (hard 81.7 / 73.0 %, distilled 88.9 / 86.1 %). At this short budget the gain
 # is not universal (seed 2 ties at 82.6 %, seed 3 gains 2.4); at the demo's 400 steps the
-# README reports 86.6 ± 2.4 % vs 94.6 ± 0.5 % over 3 seeds.
+# README reports 87.1 ± 0.9 % vs 94.3 ± 0.4 % over 3 seeds.
 _MARGIN_POINTS = 3.0
 
 
