@@ -19,6 +19,7 @@ import concurrent.futures
 import signal
 import time
 
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
@@ -33,21 +34,24 @@ TIMEOUT_S = 20.0  # per-call deadline: far beyond the hedge (0.5 s), so a batch 
 DEADLINE_S = 90.0
 
 
-def _start_two() -> list[TeacherProcess]:
+@pytest.fixture(scope="module")
+def two_teachers():
+    """Two latency teachers for both transports' runs (each run thaws the one it froze)."""
     procs = [TeacherProcess(LATENCY, "--model-kwargs", '{"delay_ms": 10}', env={"OMP_NUM_THREADS": "1"})
              for _ in range(2)]
-    with concurrent.futures.ThreadPoolExecutor(2) as ex:
-        errors = [f.exception() for f in [ex.submit(p.start) for p in procs]]
-    if any(errors):
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+            for f in [ex.submit(p.start) for p in procs]:
+                f.result()
+        yield procs
+    finally:
         for p in procs:
             p.close()
-        raise next(e for e in errors if e)
-    return procs
 
 
 @TRANSPORTS
-def test_a_frozen_teacher_is_hedged_its_losing_calls_withdrawn_and_nothing_lost(local_transport):
-    procs = _start_two()
+def test_a_frozen_teacher_is_hedged_its_losing_calls_withdrawn_and_nothing_lost(two_teachers, local_transport):
+    procs = two_teachers
     victim = None
     resumed = False
     config = PoolConfig(timeout_s=TIMEOUT_S, local_transport=local_transport)  # hedge_after_s="auto"
@@ -79,9 +83,7 @@ def test_a_frozen_teacher_is_hedged_its_losing_calls_withdrawn_and_nothing_lost(
             st = reader.stats().source
     finally:
         if victim is not None and not resumed:
-            victim.send_signal(signal.SIGCONT)  # so that close() can stop it
-        for p in procs:
-            p.close()
+            victim.send_signal(signal.SIGCONT)  # the next run, and close(), need it awake
     assert seen == list(range(len(seen))), "a batch was lost, duplicated or reordered"
     assert st.failed == 0 and st.completed >= len(seen) // 8
     frozen = st.teachers[victim.address]
