@@ -43,15 +43,15 @@ class LMDemoConfig:
     """Sizes of the LM demo; the defaults run in a few minutes on 2 cores."""
 
     vocab_size: int = 2048  # BPE merges learned on the corpus
-    seq_min: int = 24  # sequences of mixed lengths: the teacher's batcher pads them together
-    seq_max: int = 96
+    seq_min: int = 16  # sequences of mixed lengths: the teacher's batcher pads them together
+    seq_max: int = 64
     train_files: int = 120  # stdlib files for training (sorted by name, every 8th held out)
-    teacher_hidden: int = 128
-    teacher_layers: int = 4
-    teacher_steps: int = 400
-    student_hidden: int = 64
+    teacher_hidden: int = 96
+    teacher_layers: int = 3
+    teacher_steps: int = 300
+    student_hidden: int = 48
     student_layers: int = 2
-    student_steps: int = 150
+    student_steps: int = 120
     batch_size: int = 16
     lr: float = 3e-3
     top_k: int = 64
@@ -161,8 +161,8 @@ def llama(vocab: int, hidden: int, layers: int, max_pos: int, seed: int):
     import transformers
 
     cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden,
-                                   num_hidden_layers=layers, num_attention_heads=max(1, hidden // 32),
-                                   num_key_value_heads=max(1, hidden // 32), max_position_embeddings=max_pos,
+                                   num_hidden_layers=layers, num_attention_heads=max(1, hidden // 16),
+                                   num_key_value_heads=max(1, hidden // 16), max_position_embeddings=max_pos,
                                    tie_word_embeddings=True)
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(cfg)
