@@ -105,6 +105,27 @@ def test_mixed_lengths_share_a_pass_and_each_equals_its_own_forward(model_dir) -
         torch.testing.assert_close(got[valid], alone[valid], atol=1e-5, rtol=1e-5)
 
 
+def test_the_token_budget_ends_a_batch_before_its_padded_pass_exceeds_it(model_dir) -> None:
+    model = load_hf_model(model_dir)
+    plans = plan_outputs([pb.OutputRequest(name="logits", top_k=1)], model.outputs, model.inputs)
+    batches = [_batch(1, 17, 1), _batch(2, 5, 2), _batch(1, 11, 3)]
+    records = []
+
+    async def run():
+        b = DynamicBatcher(model, max_batch_size=64, max_queue_delay_ms=200, max_queue_size=16, max_batch_tokens=40)
+        b.add_listener(records.append)
+        b.start()
+        try:
+            return await asyncio.gather(*(b.submit([x["input_ids"], x["attention_mask"]], plans,
+                                                   x["input_ids"].shape[0]) for x in batches))
+        finally:
+            await b.close()
+
+    asyncio.run(run())
+    # 1 x 17, then 3 rows x 17 = 51 > 40 tokens: the second request leads the next pass (3 x 11 = 33)
+    assert [(r.num_requests, r.batch_size, r.tokens) for r in records] == [(1, 1, 17), (2, 3, 33)]
+
+
 def test_served_top_k_with_tail_is_what_the_in_process_teacher_answers(served, model_dir) -> None:
     model, stub = served
     spec = OutputSpec("logits", "log_probs", 2.0, top_k=16, dtype="float16", tail=True, mask="attention_mask")
