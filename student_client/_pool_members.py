@@ -24,6 +24,7 @@ from protos.edistill.v1 import teacher_pb2 as pb
 
 from ._poolstate import Teacher, Work
 from .breaker import CLOSED
+from .describe import describe_call
 from .errors import ConfigError, NoTeacherAvailableError, SourceClosedError
 from .signature import TeacherSignature, cast_float64
 from .stats import PoolStats
@@ -175,10 +176,7 @@ class MembershipMixin:
     def _describe(self, t: Teacher) -> None:
         """Send ``Describe`` on the teacher's verified channel; :meth:`_on_describe` gets the outcome."""
         try:
-            method = t.grpc.channel.unary_unary("/edistill.v1.Teacher/Describe",
-                                                request_serializer=pb.DescribeRequest.SerializeToString,
-                                                response_deserializer=pb.DescribeResponse.FromString)
-            call = method.future(pb.DescribeRequest(), timeout=self._config.probe_timeout_s or 5.0)
+            call = describe_call(t.grpc.channel, self._config.probe_timeout_s or 5.0)
         except Exception as exc:  # a custom channel without Describe: trusted on its health check alone
             self._on_describe(t, None, f"{type(exc).__name__}: {exc}")
             return

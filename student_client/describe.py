@@ -9,9 +9,17 @@ from protos.edistill.v1 import teacher_pb2 as pb
 
 from .status import code_and_details
 
-__all__ = ["describe_channels"]
+__all__ = ["describe_call", "describe_channels"]
 
 logger = logging.getLogger(__name__)
+
+
+def describe_call(channel: Any, timeout_s: float):
+    """Start ``Describe`` on ``channel``; a ``grpc.Future`` of the ``DescribeResponse``."""
+    method = channel.unary_unary("/edistill.v1.Teacher/Describe",
+                                 request_serializer=pb.DescribeRequest.SerializeToString,
+                                 response_deserializer=pb.DescribeResponse.FromString)
+    return method.future(pb.DescribeRequest(), timeout=timeout_s)
 
 
 def describe_channels(channels: Mapping[str, Any], timeout_s: float) -> dict[str, "pb.DescribeResponse"]:
@@ -19,12 +27,7 @@ def describe_channels(channels: Mapping[str, Any], timeout_s: float) -> dict[str
 
     A teacher that fails (gone, refusing) is left out and logged at WARNING.
     """
-    calls = {}
-    for endpoint, channel in channels.items():
-        method = channel.unary_unary("/edistill.v1.Teacher/Describe",
-                                     request_serializer=pb.DescribeRequest.SerializeToString,
-                                     response_deserializer=pb.DescribeResponse.FromString)
-        calls[endpoint] = method.future(pb.DescribeRequest(), timeout=timeout_s)
+    calls = {endpoint: describe_call(channel, timeout_s) for endpoint, channel in channels.items()}
     out = {}
     for endpoint, call in calls.items():
         try:
