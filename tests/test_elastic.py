@@ -14,7 +14,7 @@ Timing: most tests use a short heartbeat (0.5 s, TTL 1.5 s) to stay fast; the
 join and SIGTERM tests run on the defaults (1 s / 3 s). Registry expiry is
 checked on the Redis server's own clock (member scores are expiry times in server
 milliseconds), not on this machine's wall clock, so a loaded CI box cannot make
-it flaky. Cost: about 50 s on an idle 2-core box, up to ~90 s when it is shared
+it flaky. Cost: about 65 s on an idle 2-core box, up to ~110 s when it is shared
 (the Redis outage test alone holds Redis down for 10 s; a teacher process takes
 ~2.5 s to start, and 3 started in parallel ~4 s idle, up to ~17 s when loaded).
 """
