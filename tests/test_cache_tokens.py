@@ -32,12 +32,11 @@ class Texts(Dataset):
 
 
 def collate(seqs):
-    L = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), L, dtype=torch.int64)
-    mask = torch.zeros(len(seqs), L, dtype=torch.int64)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)], mask[i, :len(s)] = s, 1
-    return {"input_ids": ids, "attention_mask": mask}
+    """Right-padded ``input_ids`` and its ``attention_mask``."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    return {"input_ids": pad_sequence(seqs, batch_first=True),
+            "attention_mask": pad_sequence([torch.ones_like(s) for s in seqs], batch_first=True)}
 
 
 @pytest.fixture(scope="module")
