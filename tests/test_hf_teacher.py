@@ -67,6 +67,23 @@ def _request(inputs: dict[str, torch.Tensor], *specs: OutputSpec, rid: str = "r"
     return req
 
 
+def _through_batcher(model, plans, batches, **kw):
+    """Submit ``batches`` at once to a real DynamicBatcher; (results, BatchRecords)."""
+    records = []
+
+    async def run():
+        b = DynamicBatcher(model, max_batch_size=64, max_queue_delay_ms=200, max_queue_size=16, **kw)
+        b.add_listener(records.append)
+        b.start()
+        try:
+            return await asyncio.gather(*(b.submit([x["input_ids"], x["attention_mask"]], plans,
+                                                   x["input_ids"].shape[0]) for x in batches))
+        finally:
+            await b.close()
+
+    return asyncio.run(run()), records
+
+
 def test_a_model_directory_loads_with_a_free_length_signature(served) -> None:
     model, stub = served
     desc = stub.Describe(pb.DescribeRequest(), timeout=TIMEOUT_S)
@@ -80,19 +97,7 @@ def test_mixed_lengths_share_a_pass_and_each_equals_its_own_forward(model_dir) -
     model = load_hf_model(model_dir)
     plans = plan_outputs([pb.OutputRequest(name="logits")], model.outputs, model.inputs)
     batches = [_batch(2, 5, 1), _batch(1, 17, 2), _batch(3, 11, 3, pad_from=6)]
-    records = []
-
-    async def run():
-        b = DynamicBatcher(model, max_batch_size=64, max_queue_delay_ms=200, max_queue_size=16)
-        b.add_listener(records.append)
-        b.start()
-        try:
-            return await asyncio.gather(*(b.submit([x["input_ids"], x["attention_mask"]], plans,
-                                                   x["input_ids"].shape[0]) for x in batches))
-        finally:
-            await b.close()
-
-    results = asyncio.run(run())
+    results, records = _through_batcher(model, plans, batches)
     assert [(r.num_requests, r.batch_size) for r in records] == [(3, 6)]  # one forward pass for all three
     assert records[0].tokens == 6 * 17 and records[0].padded_tokens == 6 * 17 - (2 * 5 + 17 + 3 * 11)
     reference = CausalLMLogits(transformers.AutoModelForCausalLM.from_pretrained(model_dir)).eval()
@@ -109,19 +114,7 @@ def test_the_token_budget_ends_a_batch_before_its_padded_pass_exceeds_it(model_d
     model = load_hf_model(model_dir)
     plans = plan_outputs([pb.OutputRequest(name="logits", top_k=1)], model.outputs, model.inputs)
     batches = [_batch(1, 17, 1), _batch(2, 5, 2), _batch(1, 11, 3)]
-    records = []
-
-    async def run():
-        b = DynamicBatcher(model, max_batch_size=64, max_queue_delay_ms=200, max_queue_size=16, max_batch_tokens=40)
-        b.add_listener(records.append)
-        b.start()
-        try:
-            return await asyncio.gather(*(b.submit([x["input_ids"], x["attention_mask"]], plans,
-                                                   x["input_ids"].shape[0]) for x in batches))
-        finally:
-            await b.close()
-
-    asyncio.run(run())
+    _, records = _through_batcher(model, plans, batches, max_batch_tokens=40)
     # 1 x 17, then 3 rows x 17 = 51 > 40 tokens: the second request leads the next pass (3 x 11 = 33)
     assert [(r.num_requests, r.batch_size, r.tokens) for r in records] == [(1, 1, 17), (2, 3, 33)]
 
