@@ -22,28 +22,44 @@ __all__ = ["HealthServicer"]
 
 
 class HealthServicer(health_aio.HealthServicer):
-    """grpc's asyncio health servicer whose Watch streams end with NOT_SERVING at shutdown."""
+    """grpc's asyncio health servicer whose Watch streams end with NOT_SERVING at shutdown.
+
+    Watch is this class's own loop rather than a wrapper around grpc's: cancelling
+    grpc's Watch while it is inside ``context.write`` (which a shutdown wakes it
+    to do) could leave the stream open, about one run in six.
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self._shutting_down = asyncio.Event()  # bound to the server's loop at its first wait
+        self._changed = asyncio.Condition()  # bound to the server's loop at first use
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context) -> None:
-        # grpc's Watch never returns while the client listens: run it beside the shutdown event.
-        watch = asyncio.ensure_future(super().Watch(request, context))
-        shutdown = asyncio.ensure_future(self._shutting_down.wait())
-        try:
-            await asyncio.wait({watch, shutdown}, return_when=asyncio.FIRST_COMPLETED)
-        finally:  # also when the client cancels the stream (this handler is cancelled)
-            watch.cancel()
-            shutdown.cancel()
-        if watch.done() and not watch.cancelled() and watch.exception() is not None:
-            raise watch.exception()
-        # grpc's Watch may have sent NOT_SERVING already: a repeated status is harmless
-        # (a watcher acts on the latest one), a stream left open holds the drain.
-        await context.write(health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING))
+        unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        last = None
+        while True:
+            async with self._changed:  # read under the condition: no change is missed
+                while True:
+                    shutting = self._gracefully_shutting_down
+                    status = not_serving if shutting else self._server_status.get(request.service, unknown)
+                    if status != last or shutting:
+                        break
+                    await self._changed.wait()
+            if status != last:  # written outside the lock: a slow watcher never blocks set()
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                last = status
+            if shutting:
+                return  # the stream ends (OK): an open stream would hold the drain
+
+    async def set(self, service: str, status) -> None:
+        await super().set(service, status)
+        await self._notify()
 
     async def enter_graceful_shutdown(self) -> None:
         """NOT_SERVING for every service (grpc's behaviour), then end the Watch streams."""
         await super().enter_graceful_shutdown()
-        self._shutting_down.set()
+        await self._notify()
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
