@@ -109,6 +109,8 @@ def test_a_departed_peer_is_reported_and_the_rest_go_on(group, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="student_client.recipes.peers"):
         peers[2].close()
         wait_until(lambda: source.stats().departed == ["peer2"], timeout_s=TIMEOUT_S, what="peer2's departure")
+        # the stats change under the source's lock, the line is logged just after it, from the watcher's thread
+        wait_until(lambda: "peer peer2" in caplog.text, timeout_s=TIMEOUT_S, what="the departure's log line")
     assert "peer peer2" in caplog.text and "at our step 77" in caplog.text
     assert "distilling from the 1 remaining peer(s): peer1" in caplog.text
     torch.testing.assert_close(_ask(source)["logits"].as_subclass(torch.Tensor), _mean_log_probs(1))

@@ -234,11 +234,11 @@ class PeerSource(KnowledgeSource):
             logger.info("codistillation peer %s joined group %r at %s (version %s; our step %d)",
                         peer.stats.name, self._group, peer.record.endpoint, peer.record.model_version, step)
         for peer in left:
-            peer.pool.close()  # its pending answers fail now and are left out of their batches' means
             logger.warning("codistillation peer %s (%s) left group %r at our step %d; %s", peer.stats.name,
                            peer.record.endpoint, self._group, step,
                            f"distilling from the {len(remaining)} remaining peer(s): {', '.join(remaining)}"
                            if remaining else "no peer left: training on labels alone until one joins")
+            peer.pool.close()  # its pending answers fail now and are left out of their batches' means
 
     def set_step(self, step: int) -> None:
         """This peer's training step (staleness = step - a peer's version)."""
