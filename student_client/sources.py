@@ -94,6 +94,15 @@ class KnowledgeSource(abc.ABC):
         self.close()
 
 
+def require_keys(keys: Sequence[Any] | None, who: str) -> Sequence[Any]:
+    """``keys``, or a ConfigError saying that ``who`` (e.g. "PS-KD answers each sample ...") needs them."""
+    if keys is None:
+        raise ConfigError(f"{who} and this batch has no sample keys; use a DataLoader over a map-style dataset "
+                          "(its dataset indices are the default keys) or pass DistillReader(..., "
+                          "sample_keys=callable(batch) -> keys)")
+    return keys
+
+
 def check_request(request: Any) -> SourceRequest:
     """``request`` if it is a :class:`SourceRequest`, else a ConfigError saying how to build one."""
     if isinstance(request, SourceRequest):

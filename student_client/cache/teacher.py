@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import AnswerMissingError, CacheError, ConfigError, SourceClosedError, StudentError
 from ..futures import settle
 from ..outputs import OutputSpec, TeacherValue, normalize_outputs
-from ..sources import KnowledgeSource, SourceRequest, check_request
+from ..sources import KnowledgeSource, SourceRequest, check_request, require_keys
 from ..stats import SourceStats
 from ._index import KeyIndex
 from ._layout import columns, gather, layout_of
@@ -144,10 +144,7 @@ class CachedTeacher(KnowledgeSource):
     def submit(self, request: SourceRequest) -> "Future[dict[str, TeacherValue]]":
         """The recorded answers of the batch's samples (a resolved future, unless a fallback is asked)."""
         inputs, batch_id, keys = check_request(request)
-        if keys is None:
-            raise ConfigError("CachedTeacher answers by sample key and this batch has none; give the reader "
-                              "sample_keys=callable(batch) -> keys, or a DataLoader over a map-style dataset "
-                              "(its dataset indices are the default keys)")
+        require_keys(keys, "CachedTeacher answers by sample key")
         if self._closed:
             raise SourceClosedError("CachedTeacher is closed; create a new one to submit more batches")
         out: Future = Future()

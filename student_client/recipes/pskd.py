@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, SourceClosedError
 from ..outputs import dense_answer
-from ..sources import KnowledgeSource, SourceRequest, check_request
+from ..sources import KnowledgeSource, SourceRequest, check_request, require_keys
 from ..stats import SourceStats
 
 __all__ = ["PSKD", "PastPredictions"]
@@ -91,10 +91,7 @@ class PastPredictions(KnowledgeSource):
     def submit(self, request: SourceRequest) -> "Future[dict[str, Any]]":
         """An already resolved future with the previous predictions of the batch's samples."""
         inputs, batch_id, keys = check_request(request)
-        if keys is None:
-            raise ConfigError("PS-KD answers each sample with its own previous prediction and needs sample keys; "
-                              "use a DataLoader over a map-style dataset (keys = dataset indices) or pass "
-                              "DistillReader(..., sample_keys=callable(batch) -> keys)")
+        require_keys(keys, "PS-KD answers each sample with its own previous prediction")
         if self._closed:
             raise SourceClosedError("PastPredictions is closed")
         with self._lock:
