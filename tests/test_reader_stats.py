@@ -98,7 +98,8 @@ def test_wait_fraction_tells_a_starved_training_loop_from_a_fed_one() -> None:
         for _ in fast:
             pass
         fed = fast.stats()
-    assert starved.wait_fraction > 0.5 and starved.wait_s >= 10 * 0.05
+    # Each wait starts a little after its timer did (at submit), so it is a bit under 50 ms.
+    assert starved.wait_fraction > 0.5 and starved.wait_s >= 0.8 * 10 * 0.05
     assert fed.wait_fraction == 0.0 and fed.wait_s == 0.0  # every answer was ready when asked for
     assert starved.samples == fed.samples == 40 and fed.samples_per_s > 0
 
