@@ -40,18 +40,18 @@ MODES = ("ce", "topk_service", "sampled_service", "dense_inprocess")
 
 @dataclass(frozen=True)
 class LMDemoConfig:
-    """Sizes of the LM demo; the defaults run in a few minutes on 2 cores."""
+    """Sizes of the LM demo; the defaults run in about 8 minutes on 2 cores (503 s measured)."""
 
-    vocab_size: int = 2048  # BPE merges learned on the corpus
+    vocab_size: int = 1024  # BPE merges learned on the corpus
     seq_min: int = 16  # sequences of mixed lengths: the teacher's batcher pads them together
     seq_max: int = 64
     train_files: int = 120  # stdlib files for training (sorted by name, every 8th held out)
-    teacher_hidden: int = 96
-    teacher_layers: int = 3
-    teacher_steps: int = 300
+    teacher_hidden: int = 128
+    teacher_layers: int = 4
+    teacher_steps: int = 3000
     student_hidden: int = 48
     student_layers: int = 2
-    student_steps: int = 120
+    student_steps: int = 400
     batch_size: int = 16
     lr: float = 3e-3
     top_k: int = 64
