@@ -34,6 +34,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from bench import _common  # noqa: E402
 from bench._common import emit, machine, median  # noqa: E402
 
 
@@ -153,7 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="throughput rounds per mode (default 3)")
     p.add_argument("--window", type=int, default=2, help="batches in flight to the served teacher (default 2)")
     p.add_argument("--batches", type=int, default=12, help="mixed-length batches per round (default 12)")
+    _common.add_env_args(p)
     args = p.parse_args(argv)
+    # The same OpenMP and malloc settings as every benchmark (docs/performance.md): with libgomp's
+    # default, the in-process baseline spins at barriers while the server (two OpenMP teams) cannot.
+    _common.reexec_with_env(args.omp_wait_policy)
     emit({"bench": "lm_wire", "machine": machine()})
 
     summary: dict = {"bench": "lm_wire", "summary": True}
