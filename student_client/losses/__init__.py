@@ -28,12 +28,12 @@ Modules, one family each (each loss cites its paper and gives its formula):
 
 from __future__ import annotations
 
-from .base import Loss, WeightedLoss
+from .base import Loss, OneOutputLoss, WeightedLoss
 from .feature import AttentionTransferLoss, HintLoss, attention_transfer_loss, hint_loss
 from .relation import RKDLoss, SimilarityPreservingLoss, rkd_loss, similarity_preserving_loss
 from .response import CELoss, KDLoss, kd_loss
 from .sequence import SequenceKDLoss, sequence_kd_loss
 
-__all__ = ["AttentionTransferLoss", "CELoss", "HintLoss", "KDLoss", "Loss", "RKDLoss", "SequenceKDLoss",
+__all__ = ["AttentionTransferLoss", "CELoss", "HintLoss", "KDLoss", "Loss", "OneOutputLoss", "RKDLoss", "SequenceKDLoss",
            "SimilarityPreservingLoss", "WeightedLoss", "attention_transfer_loss", "hint_loss", "kd_loss", "rkd_loss",
            "sequence_kd_loss", "similarity_preserving_loss"]

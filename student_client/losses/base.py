@@ -35,7 +35,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..outputs import OutputSpec, TeacherValue
 
-__all__ = ["Loss", "WeightedLoss", "merge_needs", "student_output", "teacher_answer"]
+__all__ = ["Loss", "OneOutputLoss", "WeightedLoss", "merge_needs", "student_output", "teacher_answer"]
 
 class Loss(nn.Module):
     """Base class of the losses: ``needs`` plus ``forward(student, teacher, labels=None)``.
@@ -72,6 +72,24 @@ class Loss(nn.Module):
         if isinstance(other, (int, float)) and not isinstance(other, bool) and other == 0:
             return self  # sum([a, b]) starts from 0
         return NotImplemented
+
+
+class OneOutputLoss(Loss):
+    """A loss that reads one teacher output, ``spec``, against one student output.
+
+    ``student_output`` is the key of the student's output when the student
+    returns a dict (default: the teacher output's name); ``needs`` is ``(spec,)``.
+    """
+
+    def __init__(self, spec: OutputSpec, student_output: str | None = None) -> None:
+        super().__init__()
+        self._spec = spec
+        self.student_output = spec.name if student_output is None else student_output
+
+    @property
+    def needs(self) -> tuple[OutputSpec, ...]:
+        """``(spec,)``: the one teacher output this loss reads."""
+        return (self._spec,)
 
 
 class WeightedLoss(Loss):

@@ -46,7 +46,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..outputs import OutputSpec, TopK
-from .base import Loss, student_output, teacher_answer
+from .base import Loss, OneOutputLoss, student_output, teacher_answer
 from .response import _compute_dtype, _constant
 
 __all__ = ["AttentionTransferLoss", "HintLoss", "PairLoss", "attention_map", "attention_transfer_loss", "hint_loss"]
@@ -110,19 +110,12 @@ def attention_transfer_loss(student_map: torch.Tensor, teacher_map: torch.Tensor
     return (attention_map(student_map) - attention_map(_constant(teacher_map))).pow(2).mean()
 
 
-class PairLoss(Loss):
+class PairLoss(OneOutputLoss):
     """A loss between one student output and one raw teacher output, both by name (the base of the
     feature and relation losses): it needs ``OutputSpec(teacher_output, "raw", dtype=dtype)``."""
 
     def __init__(self, teacher_output: str, student_output: str | None, dtype: str) -> None:
-        super().__init__()
-        self._spec = OutputSpec(teacher_output, "raw", dtype=dtype)
-        self.student_output = teacher_output if student_output is None else student_output
-
-    @property
-    def needs(self) -> tuple[OutputSpec, ...]:
-        """The raw teacher output."""
-        return (self._spec,)
+        super().__init__(OutputSpec(teacher_output, "raw", dtype=dtype), student_output)
 
     def pair(self, student: Any, teacher: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``(student[student_output], teacher[teacher_output] as a constant)``."""

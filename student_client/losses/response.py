@@ -78,7 +78,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..outputs import Dense, OutputSpec, TeacherValue, TopK
-from .base import Loss, student_output, teacher_answer
+from .base import Loss, OneOutputLoss, student_output, teacher_answer
 
 __all__ = ["CELoss", "KDLoss", "kd_loss"]
 
@@ -250,7 +250,7 @@ def kd_loss(student_logits: torch.Tensor, teacher: TeacherValue | torch.Tensor, 
     return _reduce(kd_rows, ce, ce_weight, lead, reduction)
 
 
-class KDLoss(Loss):
+class KDLoss(OneOutputLoss):
     """Hinton KD as a :class:`~student_client.losses.Loss`: it asks for one teacher output and distils it.
 
     ``L = T²·KL(q ‖ softmax(s/T)) + λ·CE(s, y)`` (Hinton et al. 2015,
@@ -282,21 +282,15 @@ class KDLoss(Loss):
     def __init__(self, temperature: float = 4.0, top_k: int = 0, output: str = "logits",
                  transform: str = "log_probs", dtype: str = "float32", ce_weight: float = 0.0,
                  ignore_index: int = -100, reduction: str = "mean", student_output: str | None = None) -> None:
-        super().__init__()
         _check_temperature(temperature)
         _check(ce_weight, reduction)
         # Validates name, transform, top_k and dtype; raw logits are asked for unsoftened.
-        self._spec = OutputSpec(output, transform, float(temperature) if transform != "raw" else 1.0, top_k, dtype)
+        super().__init__(OutputSpec(output, transform, float(temperature) if transform != "raw" else 1.0, top_k,
+                                    dtype), student_output)
         self.temperature = float(temperature)
         self.ce_weight = float(ce_weight)
         self.ignore_index = int(ignore_index)
         self.reduction = reduction
-        self.student_output = output if student_output is None else student_output
-
-    @property
-    def needs(self) -> tuple[OutputSpec, ...]:
-        """``(OutputSpec(output, transform, temperature, top_k, dtype),)``."""
-        return (self._spec,)
 
     def forward(self, student: torch.Tensor | Mapping[str, torch.Tensor], teacher: Any,
                 labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -56,7 +56,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
 from ..outputs import Dense, OutputSpec, Sampled, TeacherValue, TopK
-from .base import Loss, student_output, teacher_answer
+from .base import OneOutputLoss, student_output, teacher_answer
 from .response import _resolve
 
 __all__ = ["DIVERGENCES", "SequenceKDLoss", "sequence_kd_loss"]
@@ -227,7 +227,7 @@ def sequence_kd_loss(student_logits: torch.Tensor, teacher: TeacherValue | torch
     return total / n_valid
 
 
-class SequenceKDLoss(Loss):
+class SequenceKDLoss(OneOutputLoss):
     """:func:`sequence_kd_loss` as a :class:`~student_client.losses.Loss`: it requests the per-token answer it reads.
 
     Args:
@@ -256,21 +256,15 @@ class SequenceKDLoss(Loss):
                  divergence: str = "forward_kl", beta: float = 0.5, output: str = "logits",
                  mask: str = "attention_mask", dtype: str = "float16", ignore_index: int = -100,
                  student_output: str | None = None) -> None:
-        super().__init__()
         _check(divergence, beta, temperature)
         sparse = bool(top_k or sample)
-        self._spec = OutputSpec(output, "log_probs", float(temperature), top_k, dtype if sparse else "float32",
-                                sample=sample, seed=seed, tail=bool(top_k), mask=mask if sparse else "")
+        super().__init__(OutputSpec(output, "log_probs", float(temperature), top_k, dtype if sparse else "float32",
+                                    sample=sample, seed=seed, tail=bool(top_k), mask=mask if sparse else ""),
+                         student_output)
         self.temperature = float(temperature)
         self.divergence = divergence
         self.beta = float(beta)
         self.ignore_index = int(ignore_index)
-        self.student_output = output if student_output is None else student_output
-
-    @property
-    def needs(self) -> tuple[OutputSpec, ...]:
-        """The one per-token output this loss reads."""
-        return (self._spec,)
 
     def forward(self, student: torch.Tensor | Mapping[str, torch.Tensor], teacher: Any,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
