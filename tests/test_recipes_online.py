@@ -134,22 +134,28 @@ def test_rampup_runs_over_the_epochs_and_keeps_the_distillation_terms_on() -> No
     assert dmt.rampup_weight(80) == dmt.rampup_weight(200) == pytest.approx(0.1)
     weights = [dmt.rampup_weight(e) for e in range(81)]
     assert weights == sorted(weights)
-    # The reference's exp(-5·(1 - e/λ)²) with λ = 0.1 is below 1e-100 from epoch 1 on: the terms would be off.
-    assert dmt.rampup_weight(1) > dmt.rampup_weight(0) > 1e-4 and 0.1 * math.exp(-5 * (1 - 1 / 0.1) ** 2) < 1e-100
+    # The reference's exp(-5·(1 - e/λ)²) with λ = 0.1 (ramping over λ, not E_r) is 0.1·exp(-405) < 1e-100 at
+    # epoch 1: the terms would be off. Ramping over the epochs keeps them on from the start.
+    assert dmt.rampup_weight(1) > dmt.rampup_weight(0) > 1e-4
 
 
 def test_mean_teacher_loss_has_every_term_of_the_formula() -> None:
+    # Three peers: with two, KL to the mean of the others' teachers equals the mean of the KLs to them, and
+    # a swapped w or a dropped ensemble term would go unnoticed.
     torch.manual_seed(3)
-    s = [torch.randn(4, 4, requires_grad=True) for _ in range(2)]
-    m = [torch.randn(4, 4) for _ in range(2)]
+    s = [torch.randn(4, 4, requires_grad=True) for _ in range(3)]
+    m = [torch.randn(4, 4) for _ in range(3)]
     y = torch.randint(0, 4, (4,))
-    dmt = DecoupledMeanTeacher([_net(0), _net(2)], [_net(1), _net(3)], rampup_epochs=4)
+    dmt = DecoupledMeanTeacher([_net(0), _net(2), _net(4)], [_net(1), _net(3), _net(5)], rampup_epochs=4)
     epoch, T = 1, 3.0
     r, w = dmt.rampup_weight(epoch), dmt.ensemble_weight(epoch)
-    ens = (s[0].detach() + s[1].detach()) / 2
+    assert 0 < w < 1 and w != 0.5
+    ens = torch.stack([z.detach() for z in s]).mean(0)  # (B, C): the students' mean
     got = dmt.losses(s, m, y, epoch)
-    for k in range(2):
-        other = m[1 - k]  # with two peers, the mean of the others' teachers is the other's teacher
-        expected = (F.cross_entropy(s[k], y) + r * _kl(ens, s[k], T)
-                    + r * (w * _kl(other, s[k], T) + (1 - w) * _kl(other, s[k], T)))
+    for k in range(3):
+        others = [m[j] for j in range(3) if j != k]
+        ensemble = _kl((others[0] + others[1]) / 2, s[k], T)  # KL to the mean of the others' teachers
+        individual = (_kl(others[0], s[k], T) + _kl(others[1], s[k], T)) / 2  # mean of the KLs to each
+        assert not torch.allclose(ensemble, individual)
+        expected = F.cross_entropy(s[k], y) + r * _kl(ens, s[k], T) + r * (w * ensemble + (1 - w) * individual)
         torch.testing.assert_close(got[k], expected)
