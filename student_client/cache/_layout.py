@@ -24,18 +24,10 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import CacheError, ConfigError
 from ..outputs import OutputSpec, Sampled, TopK, dense_answer
+from ._tensors import dtype_name, index_dtype
 from ._tokens import token_columns, token_gather, token_layout
 
-__all__ = ["ColumnBuffer", "columns", "gather", "index_dtype", "layout_of"]
-
-
-def index_dtype(classes: int) -> str:
-    """The smallest dtype for top-k indices into a last dimension of ``classes``."""
-    return "uint8" if classes <= 1 << 8 else "uint16" if classes <= 1 << 16 else "int32"
-
-
-def _dtype_name(t: Any) -> str:
-    return str(t.dtype).removeprefix("torch.")
+__all__ = ["ColumnBuffer", "columns", "gather", "layout_of"]
 
 
 def _is_tokens(answer: Any, spec: OutputSpec | None) -> bool:
@@ -51,11 +43,11 @@ def layout_of(name: str, answer: Any, spec: OutputSpec | None = None, token_code
         return token_layout(answer, token_codec)
     if isinstance(answer, TopK):
         return {"kind": "topk", "transform": answer.transform, "temperature": float(answer.temperature),
-                "dtype": _dtype_name(answer.values), "k": answer.k, "dense_shape": list(answer.dense_shape[1:]),
+                "dtype": dtype_name(answer.values.dtype), "k": answer.k, "dense_shape": list(answer.dense_shape[1:]),
                 "index_dtype": index_dtype(answer.dense_size)}
     if isinstance(answer, torch.Tensor):
         return {"kind": "dense", "transform": getattr(answer, "transform", "raw"),
-                "temperature": float(getattr(answer, "temperature", 1.0)), "dtype": _dtype_name(answer),
+                "temperature": float(getattr(answer, "temperature", 1.0)), "dtype": dtype_name(answer.dtype),
                 "shape": list(answer.shape[1:])}
     raise CacheError(f"cannot record output {name!r}: the source answered with a {type(answer).__name__}, "
                      "not a tensor, Dense or TopK")

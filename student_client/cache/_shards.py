@@ -39,6 +39,7 @@ import uuid
 from typing import Any
 
 from ..errors import CacheCorruptError
+from ._tensors import dtype_name
 
 __all__ = ["FORMAT", "Shard", "list_shards", "new_writer_id", "parse_shard", "read_meta", "read_shard", "remove_stale_temps",
            "write_shard"]
@@ -111,7 +112,7 @@ def write_shard(directory: pathlib.Path, writer: str, seq: int, tensors: dict[st
             small = zstd.ZstdCompressor(level=_ZSTD_LEVEL).compress(raw)
             if len(small) <= (1 - _MIN_SAVING) * raw.nbytes:
                 stored[name] = torch.frombuffer(bytearray(small), dtype=torch.uint8)
-                packed[name] = {"codec": "zstd", "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+                packed[name] = {"codec": "zstd", "dtype": dtype_name(t.dtype), "shape": list(t.shape)}
                 continue
         stored[name] = t
     data = save(stored, metadata={_META_KEY: json.dumps({"format": FORMAT, **meta, "packed": packed},

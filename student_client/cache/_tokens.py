@@ -34,6 +34,7 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import CacheMismatchError
 from ..outputs import Sampled, TopK
+from ._tensors import dtype_name, index_dtype
 
 __all__ = ["QUANT_STEP", "token_columns", "token_gather", "token_layout"]
 
@@ -41,14 +42,8 @@ QUANT_STEP = 1.0 / 16  # nats per uint8 step in the compact codec
 _CODECS = ("exact", "compact")
 
 
-def _dtype_name(t: Any) -> str:
-    return str(t.dtype).removeprefix("torch.")
-
-
 def token_layout(answer: Any, codec: str) -> dict:
     """The layout of a per-token answer (no per-batch sizes)."""
-    from ._layout import index_dtype
-
     if codec not in _CODECS:
         raise ValueError(f"token codec must be one of {_CODECS}, got {codec!r}")
     V = int(answer.dense_shape[-1])
@@ -58,7 +53,7 @@ def token_layout(answer: Any, codec: str) -> dict:
     if codec == "compact" and answer.transform != "log_probs":
         codec = "exact"  # the quantizer is for log-probabilities
     return {**base, "sampled": 0, "k": answer.k, "transform": answer.transform,
-            "temperature": float(answer.temperature), "dtype": _dtype_name(answer.values),
+            "temperature": float(answer.temperature), "dtype": dtype_name(answer.values.dtype),
             "tail": answer.tail is not None, "codec": codec}
 
 
