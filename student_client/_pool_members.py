@@ -184,10 +184,11 @@ class MembershipMixin:
 
     def _on_describe(self, t: Teacher, call, failed: str | None) -> None:
         """Describe answered (any thread): use the teacher if it can answer this pool's requests."""
-        signature = None
+        signature = resp = None
         if call is not None:
             try:
-                signature = TeacherSignature.from_describe(t.endpoint, call.result())
+                resp = call.result()
+                signature = TeacherSignature.from_describe(t.endpoint, resp)
             except Exception as exc:  # timed out, not a teacher's answer: the health check vouches for it
                 failed = "{}: {}".format(*code_and_details(exc, default=type(exc).__name__))
         problem = signature.output_problem(self._specs) if signature is not None else None
@@ -213,8 +214,8 @@ class MembershipMixin:
                 local_setup = self._local_enabled and self._localsetup.due_locked(t, now)
                 self._ready.notify_all()
         self._do(work)
-        if local_setup:
-            self._localsetup.start(t)
+        if local_setup:  # its answer says whether it offers a local socket: no second Describe
+            self._localsetup.start(t, resp if signature is not None else None)
 
     def _refuse_locked(self, t: Teacher, problem: str, now: float, work: Work) -> None:
         """``t`` cannot answer this pool's requests: no batches for it; fail the waiting ones if none fits."""

@@ -16,9 +16,10 @@ a hedge reuses the bytes), the local transport passes its tensors as shared
 memory and never serializes them.
 
 :class:`LocalSetup` switches a verified same-host teacher from gRPC to its
-local socket (``PoolConfig.local_transport``): it asks the teacher over its
-verified channel with ``Describe`` whether it offers a socket on this host,
-then connects and handshakes (:meth:`LocalHub.connect`).
+local socket (``PoolConfig.local_transport``): the teacher's ``Describe`` answer (the
+pool's, or on a reconnect a new call over its verified channel) says whether
+it offers a socket on this host; then it connects and handshakes
+(:meth:`LocalHub.connect`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any, Callable, Sequence
 from protos.edistill.v1 import teacher_pb2 as pb
 
 from . import local as _local
+from .describe import describe_call
 from .status import code_and_details
 from .wire import serialize_request
 
@@ -166,13 +168,16 @@ class LocalSetup:
         t.local_pending = True
         return True
 
-    def start(self, t) -> None:
-        """Ask ``t`` (over its verified channel) whether it offers a local socket; connect if so."""
+    def start(self, t, resp: "pb.DescribeResponse | None" = None) -> None:
+        """Connect to ``t``'s local socket if its Describe answer ``resp`` offers one on this host.
+
+        Without ``resp`` (a reconnect), ask ``t`` over its verified channel first.
+        """
+        if resp is not None:
+            self._use(t, resp)
+            return
         try:
-            describe = t.grpc.channel.unary_unary("/edistill.v1.Teacher/Describe",
-                                                  request_serializer=pb.DescribeRequest.SerializeToString,
-                                                  response_deserializer=pb.DescribeResponse.FromString)
-            call = describe.future(pb.DescribeRequest(), timeout=self._timeout_s)
+            call = describe_call(t.grpc.channel, self._timeout_s)
         except Exception as exc:  # a custom channel without Describe: gRPC only
             self._failed(t, f"Describe could not be sent ({exc})")
             return
@@ -185,6 +190,9 @@ class LocalSetup:
             code, details = code_and_details(exc)
             self._failed(t, f"Describe failed ({code}: {details})")
             return
+        self._use(t, resp)
+
+    def _use(self, t, resp) -> None:
         if not isinstance(resp, pb.DescribeResponse) or not resp.local_socket:
             self._failed(t, "it offers no local socket")
             return
