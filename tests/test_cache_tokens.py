@@ -73,6 +73,10 @@ def test_exact_codec_answers_as_the_live_teacher_in_a_new_batch_composition(tmp_
     assert type(got) is type(want) and got.dense_shape == want.dense_shape and torch.equal(got.mask, want.mask)
     if isinstance(want, Sampled):  # the draws were made for the recorded batch: same positions, as recorded
         assert got.indices.shape == want.indices.shape and got.temperature == want.temperature
+        recorded = list(range(8))  # the first batch exactly as recorded: the cache gives back the very draws
+        batch = collate([data[k] for k in recorded])
+        got, want = ask(cache, batch, recorded), ask(InProcessTeacher(lm, [spec]), batch, recorded)
+        assert torch.equal(got.mask, want.mask) and torch.equal(got.indices, want.indices)
         return
     m = want.mask
     # per position the recorded answer; a causal LM's answer at a real position does not depend on padding
