@@ -57,6 +57,7 @@ __all__ = [
     "pack_positions",
     "sample_generator",
     "token_answer",
+    "token_answer_of_request",
     "unpack_positions",
 ]
 
@@ -277,3 +278,23 @@ def token_answer(x: "torch.Tensor", name: str, transform: int, temperature: floa
         tail_t = torch.cat(tails) if tails else rows.new_empty((0,), dtype=torch.float32)
         tail_t = tail_t.to(dtype) if dtype is not None else tail_t
     return TokenAnswer(values, indices, tail_t, positions)
+
+
+def token_answer_of_request(x: "torch.Tensor", name: str, transform: int, temperature: float,
+                            inputs: Mapping[str, "torch.Tensor"], *, mask: str = "", seed: int = 0,
+                            top_k: int = 0, sample: int = 0, tail: bool = False,
+                            dtype: "torch.dtype | None" = None, compact: bool = False) -> TokenAnswer:
+    """:func:`token_answer` of one request, given its inputs by name: the served and in-process answer.
+
+    The positions are where the input named ``mask`` is nonzero (all of them
+    when ``mask`` is empty); draws are seeded by :func:`sample_generator` from
+    ``seed`` and the inputs in name order. ``TokenAnswer.positions`` is on the
+    mask input's device.
+
+    Raises:
+        TransformError: as :func:`token_answer`; ``mask`` must name one of ``inputs``.
+    """
+    positions = inputs[mask] != 0 if mask else None  # (B, L) bool
+    generator = sample_generator(seed, [inputs[n] for n in sorted(inputs)]) if sample else None
+    return token_answer(x, name, transform, temperature, top_k=top_k, sample=sample, tail=tail, dtype=dtype,
+                        positions=positions, compact=compact, generator=generator)

@@ -5,7 +5,7 @@ and calls these): a per-token answer holds the P positions a teacher sent
 (``Output.position_mask``); decoding puts them back at their ``(B, L)``
 positions (zeros elsewhere) as a :class:`~student_client.outputs.TopK` with
 ``tail``/``mask`` or a :class:`Sampled`; :func:`apply` computes the same
-answer in-process with :func:`protos.outputs.token_answer`, bit for bit.
+answer in-process with :func:`protos.outputs.token_answer_of_request`, bit for bit.
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ def _token_topk(values, indices, tail, mask, dense_shape, applied: tuple[str, fl
 
 def apply(output: "torch.Tensor", spec: "OutputSpec", wire: int, temperature: float,
           inputs: "Mapping[str, torch.Tensor]") -> Any:
-    """The in-process side of a per-token answer: :func:`protos.outputs.token_answer`, as a served teacher runs it."""
+    """The in-process side of a per-token answer: :func:`protos.outputs.token_answer_of_request`, as a served teacher runs it."""
     import torch
 
     from .outputs import _invalid
@@ -199,14 +199,13 @@ def apply(output: "torch.Tensor", spec: "OutputSpec", wire: int, temperature: fl
     if spec.mask and spec.mask not in inputs:
         _invalid(f"output {spec.name!r}: mask {spec.mask!r} is not an input of this batch "
                  f"(inputs: {', '.join(inputs) or 'none'})")
-    positions = inputs[spec.mask].to(output.device) != 0 if spec.mask else None
-    generator = shared.sample_generator(spec.seed, [inputs[n] for n in sorted(inputs)]) if spec.sample else None
     try:
-        a = shared.token_answer(output, spec.name, wire, temperature, top_k=spec.top_k, sample=spec.sample,
-                                tail=spec.tail, dtype=getattr(torch, spec.dtype), positions=positions,
-                                generator=generator)
+        a = shared.token_answer_of_request(output, spec.name, wire, temperature, inputs, mask=spec.mask,
+                                           seed=spec.seed, top_k=spec.top_k, sample=spec.sample, tail=spec.tail,
+                                           dtype=getattr(torch, spec.dtype))
     except shared.TransformError as exc:
         _invalid(str(exc))
+    positions = a.positions.to(output.device) if a.positions is not None else None  # (B, L) bool
     B, L, _ = output.shape  # answers stay on the model's device, like dense in-process answers
     if spec.sample:
         return Sampled(_placed(a.indices, positions, B, L), tuple(output.shape), temperature, positions)

@@ -12,7 +12,7 @@ outputs (:func:`plan_outputs`) and maps a transform error to INVALID_ARGUMENT.
 
 Per-token requests of sequence models (``sample``, ``tail`` or ``mask`` set,
 on a ``(B, L, C)`` output) go through :func:`apply_token_plan`, i.e.
-:func:`protos.outputs.token_answer`: top-k with an optional tail, or draws
+:func:`protos.outputs.token_answer_of_request`: top-k with an optional tail, or draws
 seeded from the request (``seed`` and its inputs' bytes, inputs in name
 order), at the positions where the named mask input is nonzero.
 """
@@ -155,14 +155,10 @@ def apply_token_plan(x: torch.Tensor, plan: OutputPlan, inputs: Sequence[torch.T
     Raises:
         InvalidRequest: the output or mask does not fit (e.g. a mask of another shape).
     """
-    by_name = dict(zip(input_names, inputs))
-    positions = by_name[plan.mask] != 0 if plan.mask else None
-    generator = None
-    if plan.sample:
-        generator = shared.sample_generator(plan.seed, [by_name[n] for n in sorted(by_name)])
     try:
-        return shared.token_answer(x, plan.name, plan.transform, plan.temperature, top_k=plan.top_k,
-                                   sample=plan.sample, tail=plan.tail, dtype=plan.dtype, positions=positions,
-                                   compact=plan.compact, generator=generator)
+        return shared.token_answer_of_request(x, plan.name, plan.transform, plan.temperature,
+                                              dict(zip(input_names, inputs)), mask=plan.mask, seed=plan.seed,
+                                              top_k=plan.top_k, sample=plan.sample, tail=plan.tail,
+                                              dtype=plan.dtype, compact=plan.compact)
     except shared.TransformError as exc:
         raise InvalidRequest(str(exc)) from exc
