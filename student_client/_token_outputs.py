@@ -29,11 +29,6 @@ if TYPE_CHECKING:
 __all__ = ["Sampled", "apply", "check_spec", "decode"]
 
 
-def B_of(dense_shape) -> int:
-    """Rows (B) of a dense shape."""
-    return int(dense_shape[0])
-
-
 def check_spec(spec: "OutputSpec") -> None:
     """sample / seed / tail / mask fit together (the teacher checks them against the model too)."""
     for field_name in ("sample", "seed"):
@@ -123,13 +118,14 @@ def decode(o: pb.Output, spec: "OutputSpec", batch_size: int | None, applied: tu
     """A per-token answer: the P sent rows (position_mask) put back at their (B, L) positions."""
     import torch
 
+    from .outputs import _check_rows
+
     name = spec.name
     dense_shape = tuple(int(d) for d in o.dense_shape)
     if len(dense_shape) != 3 or min(dense_shape) < 0:
         raise codec.CodecError(f"output {name!r}: a per-token answer needs dense_shape (B, L, V), got "
                                f"{list(dense_shape)}")
-    if batch_size is not None and B_of(dense_shape) != batch_size:
-        raise codec.CodecError(f"output {name!r} has {dense_shape[0]} row(s) {list(dense_shape)} for a batch of {batch_size}")
+    _check_rows(name, dense_shape, batch_size)
     B, L, V = dense_shape
     if spec.sample and o.sample != spec.sample:
         raise codec.CodecError(f"output {name!r}: asked for {spec.sample} draws per position, the answer holds "
