@@ -23,7 +23,7 @@ from teacher_server import zoo
 from teacher_server.config import TeacherConfig
 from teacher_server.inprocess import BackgroundTeacher
 from teacher_server.model import LoadedModel
-from tests.helpers.redis_proc import wait_until
+from tests.helpers.redis_proc import redis_server, wait_until  # noqa: F401 (fixture)
 
 FEATURES, CLASSES = 8, 4
 
@@ -34,12 +34,6 @@ def teacher():
     model = LoadedModel.from_module(zoo.mlp(in_features=FEATURES, hidden=16, num_classes=CLASSES))
     with BackgroundTeacher(TeacherConfig(), model) as served:
         yield served
-
-
-@pytest.fixture
-def redis_server():
-    with EmbeddedRedis() as server:
-        yield server
 
 
 def _warnings(caplog, needle: str) -> list[logging.LogRecord]:
@@ -56,13 +50,12 @@ def test_a_wrong_service_name_is_explained_at_once_while_waiting_and_at_the_dead
     registration = TeacherRegistration(redis_server.url, "digits", record, heartbeat_s=0.2, ttl_s=1.0).start()
     data = DataLoader(TensorDataset(torch.randn(32, FEATURES)), batch_size=8)
     try:
-        started = time.time()  # LogRecord.created is wall-clock time
         with TeacherPool.from_registry(redis_server.url, "digitz", config=PoolConfig(wait_timeout_s=4.0)) as pool:
-            # Before any batch: the start itself says what is wrong and what exists.
+            # Before any batch: the start itself (the first read happens in from_registry) says what is wrong
+            # and what exists.
             (first,) = _warnings(caplog, "lists no live teacher for service 'digitz'")
             assert "Services with live teachers there: digits" in first.getMessage()
             assert "Waiting for teachers of service 'digitz' at redis://127.0.0.1:" in first.getMessage()
-            assert first.created - started < 2.0  # the first read happens in from_registry itself
             with DistillReader(data, pool) as reader, pytest.raises(NoTeacherAvailableError) as info:
                 next(iter(reader))
         waiting = _warnings(caplog, "waiting for teachers of service 'digitz' at redis://127.0.0.1:")
@@ -79,11 +72,11 @@ def test_an_unreachable_registry_is_said_at_once():
     with EmbeddedRedis() as server:
         url = server.url
     started = time.monotonic()
-    with TeacherPool.from_registry(url, "digits", config=PoolConfig(wait_timeout_s=1.0)) as pool:
+    with TeacherPool.from_registry(url, "digits", config=PoolConfig(wait_timeout_s=60.0)) as pool:
         elapsed = time.monotonic() - started
         with pytest.raises(NoTeacherAvailableError) as info:
             pool.wait_for_teachers(timeout_s=0.3)
-    assert elapsed < 5.0  # a refused connection: no retry loop before from_registry returns
+    assert elapsed < 30.0  # a refused connection: no retry loop until the 60 s deadline before from_registry returns
     assert "is unreachable, so no teacher could be discovered" in str(info.value)
 
 
