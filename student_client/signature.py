@@ -21,7 +21,6 @@ answer in the few fields the student needs:
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -33,8 +32,6 @@ from protos.edistill.v1 import teacher_pb2 as pb
 from .errors import ConfigError
 
 __all__ = ["TeacherSignature", "cast_float64"]
-
-logger = logging.getLogger("student_client.pool")
 
 _FLOATS = frozenset({pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16})
 _TORCH_METHOD = {pb.FLOAT32: ".float()", pb.FLOAT16: ".half()", pb.BFLOAT16: ".bfloat16()", pb.INT64: ".long()",
