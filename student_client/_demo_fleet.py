@@ -12,47 +12,58 @@ import json
 import pathlib
 import threading
 import time
+from typing import Mapping
 
 from student_client.errors import StudentError
 from teacher_server.process import TeacherProcess, TeacherStartError, close_all
 
-__all__ = ["SERVICE", "LiveSampler", "TeacherFleet", "check_registry"]
+__all__ = ["SERVICE", "LiveSampler", "ProcessFleet", "TeacherFleet", "check_registry"]
 
 #: The registry service the demo's teachers register in.
 SERVICE = "edistill-demo"
 
 
-class TeacherFleet:
-    """Teacher server processes serving the demo's teacher checkpoint.
+class ProcessFleet:
+    """Teacher server processes started from one ``serve`` command line, registered in ``registry``.
 
     Every process is in :attr:`procs` from the moment it is launched, so
     :meth:`stop_all` ends it even when it (or a sibling) never became ready.
+
+    Args:
+        model: the ``--model`` spec; ``serve_args`` follow it.
+        env: variables for each child besides ``EDISTILL_REGISTRY`` (set from ``registry``).
+        ready_timeout_s: how long each teacher may take to print its ready line.
+        grace_s: how long :meth:`stop_all` lets the teachers drain before SIGKILL.
     """
 
-    def __init__(self, checkpoint: pathlib.Path, hidden: int, registry: str, log_dir: pathlib.Path) -> None:
-        self.checkpoint, self.hidden, self.registry, self.log_dir = checkpoint, hidden, registry, log_dir
+    def __init__(self, model: str, *serve_args: str, registry: str, log_dir: pathlib.Path,
+                 env: Mapping[str, str] | None = None, ready_timeout_s: float = 60.0, grace_s: float = 15.0) -> None:
+        self.model, self.serve_args, self.registry, self.log_dir = model, serve_args, registry, log_dir
+        self.env, self.ready_timeout_s, self.grace_s = dict(env or {}), ready_timeout_s, grace_s
         self.procs: list[TeacherProcess] = []
         self._lock = threading.Lock()  # procs grows from the replacement thread too
         self._count = 0
 
     def _launch(self) -> TeacherProcess:
-        args = [
-            "--model-kwargs", json.dumps({"hidden": self.hidden}),
-            "--checkpoint", str(self.checkpoint),
-            "--name", "digits-mlp", "--version", "1",
-            "--service", SERVICE,
-            "--max-queue-delay-ms", "1",
-        ]
         # The URL may carry a password: pass it in the environment (the teacher
         # CLI reads EDISTILL_REGISTRY), never on the command line, where `ps` shows it.
-        env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "EDISTILL_REGISTRY": self.registry}
+        env = {**self.env, "EDISTILL_REGISTRY": self.registry}
         with self._lock:
             self._count += 1
-            teacher = TeacherProcess("teacher_server.zoo:mlp", *args, env=env, ready_timeout_s=60.0,
+            teacher = TeacherProcess(*self._command(), env=env, ready_timeout_s=self.ready_timeout_s,
                                      log_path=self.log_dir / f"teacher-{self._count}.log")
             teacher.launch()
             self.procs.append(teacher)  # at once: stop_all() must reach it whatever happens next
         return teacher
+
+    def _command(self) -> tuple[str, ...]:
+        """``(model, *serve_args)`` of the next teacher."""
+        return (self.model, *self.serve_args)
+
+    def snapshot(self) -> list[TeacherProcess]:
+        """The teachers launched so far (a copy, safe to read while another thread starts one)."""
+        with self._lock:
+            return list(self.procs)
 
     def start(self) -> TeacherProcess:
         """Start one teacher and wait until it prints its ready line."""
@@ -75,10 +86,26 @@ class TeacherFleet:
         return launched
 
     def stop_all(self) -> None:
-        """SIGTERM every teacher (they drain in parallel); SIGKILL what is left after 15 s."""
-        with self._lock:
-            procs = list(self.procs)
-        close_all(procs, grace_s=15.0)
+        """SIGTERM every teacher (they drain in parallel); SIGKILL what is left after ``grace_s``."""
+        close_all(self.snapshot(), grace_s=self.grace_s)
+
+
+class TeacherFleet(ProcessFleet):
+    """Teacher server processes serving the digits demo's teacher checkpoint."""
+
+    def __init__(self, checkpoint: pathlib.Path, hidden: int, registry: str, log_dir: pathlib.Path) -> None:
+        super().__init__("teacher_server.zoo:mlp", registry=registry, log_dir=log_dir,
+                         env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+        self.checkpoint, self.hidden = checkpoint, hidden
+
+    def _command(self) -> tuple[str, ...]:
+        # read at each launch: tests point the fleet at another checkpoint between launches
+        return (self.model,
+                "--model-kwargs", json.dumps({"hidden": self.hidden}),
+                "--checkpoint", str(self.checkpoint),
+                "--name", "digits-mlp", "--version", "1",
+                "--service", SERVICE,
+                "--max-queue-delay-ms", "1")
 
 
 class LiveSampler:

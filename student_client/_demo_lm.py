@@ -25,12 +25,15 @@ import json
 import logging
 import math
 import pathlib
-import statistics
 import sysconfig
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
+
+from student_client._demo_data import check_epoch
+from student_client._demo_fleet import ProcessFleet
+from student_client._demo_report import mean_std
 
 log = logging.getLogger(__name__)
 
@@ -230,38 +233,15 @@ class LMResult:
 
 
 def _mean_std(v: list[float]) -> str:
-    return f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.3f}"
+    return "{:.3f} ± {:.3f}".format(*mean_std(v))
 
 
-class _Fleet:
+def _fleet(model_dir: pathlib.Path, registry: str, log_dir: pathlib.Path) -> ProcessFleet:
     """Teacher processes serving the model directory, registered in the embedded Redis."""
-
-    def __init__(self, model_dir: pathlib.Path, registry: str, log_dir: pathlib.Path) -> None:
-        self.model_dir, self.registry, self.log_dir = model_dir, registry, log_dir
-        self.procs: list = []
-        self._n = 0
-
-    def start(self, n: int = 1) -> list:
-        from teacher_server.process import TeacherProcess
-
-        new = []
-        for _ in range(n):
-            self._n += 1
-            p = TeacherProcess(str(self.model_dir), "--name", "stdlib-llama", "--service", SERVICE,
-                               "--max-queue-delay-ms", "2", "--max-batch-tokens", "16384",
-                               env={"OMP_NUM_THREADS": "1", "EDISTILL_REGISTRY": self.registry,
-                                    "HF_HUB_OFFLINE": "1"}, ready_timeout_s=120.0,
-                               log_path=self.log_dir / f"teacher-{self._n}.log")
-            p.launch()
-            self.procs.append(p)
-            new.append(p)
-        for p in new:
-            p.wait_ready()
-        return new
-
-    def close(self) -> None:
-        for p in self.procs:
-            p.close(grace_s=10.0)
+    return ProcessFleet(str(model_dir), "--name", "stdlib-llama", "--service", SERVICE,
+                        "--max-queue-delay-ms", "2", "--max-batch-tokens", "16384",
+                        registry=registry, log_dir=log_dir, env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+                        ready_timeout_s=120.0, grace_s=10.0)
 
 
 def _kd_step(kd, cfg: LMDemoConfig):
@@ -311,10 +291,10 @@ def run_lm_demo(work_dir: str | pathlib.Path, cfg: LMDemoConfig = LMDemoConfig()
               "dense_inprocess": SequenceKDLoss(cfg.temperature, top_k=0)}
     needs_service = any(m.endswith("_service") for m in cfg.modes)
     with EmbeddedRedis() as redis:
-        fleet = _Fleet(model_dir, redis.url, work)
+        fleet = _fleet(model_dir, redis.url, work)
         try:
             if needs_service:
-                fleet.start(cfg.teachers)
+                fleet.start_many(cfg.teachers)
                 report(f"{cfg.teachers} teachers serving {model_dir.name}, registered as {SERVICE!r}")
             kill_pending = needs_service
             for seed in cfg.seeds:
@@ -338,12 +318,12 @@ def run_lm_demo(work_dir: str | pathlib.Path, cfg: LMDemoConfig = LMDemoConfig()
                     result.ppl.setdefault(mode, []).append(ppl)
                     report(f"seed {seed} {mode:16s} held-out perplexity {ppl:.3f}")
         finally:
-            fleet.close()
+            fleet.stop_all()
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _service_run(student, data_loader, plan, kd, cfg: LMDemoConfig, url: str, fleet: _Fleet, kill: bool,
+def _service_run(student, data_loader, plan, kd, cfg: LMDemoConfig, url: str, fleet: ProcessFleet, kill: bool,
                  report: Callable[[str], None]) -> tuple[int, int]:
     """One student through the teacher pool; SIGKILL a teacher mid-run when ``kill``. Returns (lost, duplicated)."""
     from student_client import DistillReader, TeacherPool
@@ -356,7 +336,8 @@ def _service_run(student, data_loader, plan, kd, cfg: LMDemoConfig, url: str, fl
     def step(model, batch, teacher):
         delivered.append(tuple(int(i) for i in batch["index"]))
         if len(delivered) == kill_step:
-            victim = fleet.procs[0] if fleet.procs[0].running else fleet.procs[-1]
+            procs = fleet.snapshot()  # the replacement thread of an earlier kill may be appending
+            victim = procs[0] if procs[0].running else procs[-1]
             victim.kill()  # SIGKILL: no deregistration, no drain
             report(f"step {kill_step}: SIGKILLed teacher pid {victim.pid}; starting a replacement")
             t = threading.Thread(target=fleet.start, daemon=True)
@@ -370,9 +351,7 @@ def _service_run(student, data_loader, plan, kd, cfg: LMDemoConfig, url: str, fl
             train_lm(student, reader, cfg.student_steps, cfg.lr, step)
     for t in replacement:
         t.join(timeout=120.0)
-    expected = [tuple(b) for b in plan]
-    distinct = set(delivered)
-    return len(set(expected) - distinct), len(delivered) - len(distinct)
+    return check_epoch([tuple(b) for b in plan], delivered, complete=True)
 
 
 def format_report(result: LMResult) -> str:
@@ -389,11 +368,6 @@ def format_report(result: LMResult) -> str:
 def to_json(result: LMResult) -> str:
     """One JSON line of the result (for benchmarks and the README)."""
     return json.dumps({**asdict(result), "summary": result.summary()})
-
-
-def with_overrides(cfg: LMDemoConfig, **kw: Any) -> LMDemoConfig:
-    """``cfg`` with fields replaced (CLI overrides)."""
-    return replace(cfg, **{k: v for k, v in kw.items() if v is not None})
 
 
 def cmd_lm_demo(args: Any) -> int:
