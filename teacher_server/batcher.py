@@ -239,12 +239,16 @@ class DynamicBatcher:
                     return
                 self._event.clear()
                 await self._event.wait()
-            items = await self._collect()
+            items, total, longest = await self._collect()
             if items:
-                await self._run(loop, items)
+                await self._run(loop, items, total, longest)
 
-    async def _collect(self) -> list[_Item]:
-        """Pop whole requests in order while they fit; wait until the first one's deadline."""
+    async def _collect(self) -> tuple[list[_Item], int, int]:
+        """Pop whole requests in order while they fit; wait until the first one's deadline.
+
+        Returns ``(items, total, longest)``: the requests, their samples, and
+        (sequence models; else 0) the longest L, i.e. the padded length of the pass.
+        """
         items: list[_Item] = []
         total = 0
         longest = 0  # sequence models: the padded length of the pass
@@ -280,15 +284,15 @@ class DynamicBatcher:
                 await asyncio.wait_for(self._event.wait(), remaining)
             except asyncio.TimeoutError:
                 break
-        return items
+        return items, total, longest
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
+    async def _run(self, loop: asyncio.AbstractEventLoop, items: list[_Item], total: int, longest: int) -> None:
         started = time.perf_counter()
         failed = False
         self._computing = len(items)
         try:
             try:
-                results, compute_ms = await loop.run_in_executor(self._executor, self._compute, items)
+                results, compute_ms = await loop.run_in_executor(self._executor, self._compute, items, total, longest)
             except Exception as exc:
                 if len(items) == 1 or isinstance(exc, RequestError):
                     raise
@@ -311,10 +315,9 @@ class DynamicBatcher:
             results, compute_ms = [], 0.0
         finally:
             self._computing = 0
-        total = sum(it.size for it in items)
         tokens = padded_tokens = 0
         if self._sequence:
-            tokens = total * max(it.length for it in items)
+            tokens = total * longest
             padded_tokens = tokens - sum(it.size * it.length for it in items)
         queue_ms = tuple((started - it.enqueued) * 1000.0 for it in items)
         for it, res, q_ms in zip(items, results, queue_ms):
@@ -338,8 +341,12 @@ class DynamicBatcher:
             except Exception:
                 log.exception("batch listener %r failed", fn)
 
-    def _compute(self, items: list[_Item]) -> tuple[list[list[OutputValue] | BaseException], float]:
-        """Worker thread: concat, forward, split, transform. Touches no loop state."""
+    def _compute(self, items: list[_Item], total: int,
+                 longest: int) -> tuple[list[list[OutputValue] | BaseException], float]:
+        """Worker thread: concat, forward, split, transform. Touches no loop state.
+
+        ``total`` is the items' samples, ``longest`` their longest L (sequence models).
+        """
         t0 = time.perf_counter()
         n_inputs = len(self.model.inputs)
         if len(items) == 1 and self.model.device.type == "cuda":
@@ -352,11 +359,10 @@ class DynamicBatcher:
             # MLP's forward pass on a 2-core VM (0.7 ms for 64x3x32x32).
             batch = [t.clone() for t in items[0].inputs]
         elif self._sequence:
-            batch = _right_padded(items, n_inputs)  # (sum n, longest L) each
+            batch = _right_padded(items, n_inputs, total, longest)  # (total, longest, ...) each
         else:
             batch = [torch.cat([it.inputs[i] for it in items]) for i in range(n_inputs)]  # (sum n, ...)
         outs = self.model.run(batch)
-        total = sum(it.size for it in items)
         for name, t in outs.items():
             if t.dim() == 0 or t.shape[0] != total:
                 raise InferenceFailed(f"model output {name!r} has shape {list(t.shape)} for a batch of {total}")
@@ -375,8 +381,7 @@ class DynamicBatcher:
                                                _host(a.tail), _host(a.positions)))
                         continue
                     values, indices = apply_plan(x, plan)
-                    per.append(OutputValue(plan, values.cpu(), None if indices is None else indices.cpu(),
-                                           tuple(x.shape)))
+                    per.append(OutputValue(plan, _host(values), _host(indices), tuple(x.shape)))
                 results.append(per)
             except RequestError as exc:
                 results.append(exc)
@@ -391,7 +396,7 @@ class DynamicBatcher:
         results: list[list[OutputValue] | BaseException] = []
         for it in items:
             try:
-                results.append(self._compute([it])[0][0])
+                results.append(self._compute([it], it.size, it.length if self._sequence else 0)[0][0])
             except RequestError as exc:
                 results.append(exc)
             except Exception as exc:
@@ -419,10 +424,8 @@ def _host(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.cpu()
 
 
-def _right_padded(items: list[_Item], n_inputs: int) -> list[torch.Tensor]:
-    """Each input of a sequence model's requests, right-padded with 0 to the longest L: (sum n, L_max, ...)."""
-    total = sum(it.size for it in items)
-    longest = max(it.length for it in items)
+def _right_padded(items: list[_Item], n_inputs: int, total: int, longest: int) -> list[torch.Tensor]:
+    """Each input of a sequence model's requests, right-padded with 0 to ``longest``: (total, longest, ...)."""
     batch = []
     for i in range(n_inputs):
         first = items[0].inputs[i]
