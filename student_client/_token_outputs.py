@@ -187,7 +187,7 @@ def _token_topk(values, indices, tail, mask, dense_shape, applied: tuple[str, fl
 
 def apply(output: "torch.Tensor", spec: "OutputSpec", wire: int, temperature: float,
           inputs: "Mapping[str, torch.Tensor]") -> Any:
-    """The in-process side of a per-token answer: :func:`protos.outputs.token_answer_of_request`, as a served teacher runs it."""
+    """The in-process side of a per-token answer (:func:`protos.outputs.token_answer_of_request`, as served)."""
     import torch
 
     from .outputs import _invalid
