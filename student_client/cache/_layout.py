@@ -79,14 +79,22 @@ class ColumnBuffer:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def add(self, keys: Sequence[Any], answers: Mapping[str, Any]) -> None:
-        """Append one batch (its keys, in row order, and its answers by output name)."""
+    def add(self, keys: Sequence[Any], answers: Mapping[str, Any],
+            prepared: Mapping[str, tuple[dict, dict[str, Any]]] | None = None) -> None:
+        """Append one batch (its keys, in row order, and its answers by output name).
+
+        Args:
+            prepared: ``name -> (layout, columns)`` the caller already built
+                for some outputs (the write-back, which merged them), so they
+                are not built twice; the others are built here.
+        """
         for spec in self.specs:
             if spec.name not in answers:
                 raise CacheError(f"the source answered without output {spec.name!r} "
                                  f"(it sent: {', '.join(answers) or 'nothing'})")
             answer = answers[spec.name]
-            layout = layout_of(spec.name, answer, spec, self.token_codec)
+            layout, cols = (prepared or {}).get(spec.name) or (layout_of(spec.name, answer, spec, self.token_codec),
+                                                                None)
             rows = answer.dense_shape[0] if isinstance(answer, (TopK, Sampled)) else answer.shape[0]
             if rows != len(keys):
                 raise CacheError(f"output {spec.name!r} has {rows} rows for {len(keys)} sample keys")
@@ -94,7 +102,7 @@ class ColumnBuffer:
             if seen != layout:
                 raise CacheError(f"output {spec.name!r} changed its layout within a shard: {seen} then {layout}; "
                                  "a cache holds one shape, dtype and transform per output")
-            for tname, t in columns(spec.name, answer, layout).items():
+            for tname, t in (cols if cols is not None else columns(spec.name, answer, layout)).items():
                 self._parts.setdefault(tname, []).append(t)
                 self.nbytes += t.numel() * t.element_size()
         self.keys.extend(keys)

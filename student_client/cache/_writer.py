@@ -69,8 +69,12 @@ class CacheWriter:
         self._lock = threading.Lock()  # write-back adds from pool threads
         self._closed = False
 
-    def add(self, keys: Sequence[Any], answers: Mapping[str, Any]) -> None:
-        """Buffer one batch; writes a shard whenever ``shard_rows`` rows are buffered."""
+    def add(self, keys: Sequence[Any], answers: Mapping[str, Any],
+            prepared: Mapping[str, tuple[dict, dict[str, Any]]] | None = None) -> None:
+        """Buffer one batch; writes a shard whenever ``shard_rows`` rows are buffered.
+
+        ``prepared``: ``name -> (layout, columns)`` already built (see :meth:`ColumnBuffer.add`).
+        """
         keys = check_keys(keys)
         with self._lock:
             if self._closed:
@@ -81,7 +85,7 @@ class CacheWriter:
                 elif type(k) is not self._key_type:
                     raise ConfigError(f"sample keys mix {self._key_type.__name__} and {type(k).__name__} "
                                       f"({k!r}); a cache holds one key type")
-            self._buf.add(keys, answers)
+            self._buf.add(keys, answers, prepared)
             if len(self._buf) >= self.shard_rows:
                 self._flush_locked()
 

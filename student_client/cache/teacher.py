@@ -198,7 +198,7 @@ class CachedTeacher(KnowledgeSource):
                 if f.cancelled():
                     raise StudentError(f"the fallback source cancelled batch {batch_id}")
                 answers = f.result()
-                merged = {}
+                merged, prepared = {}, {}
                 for spec in self._specs:
                     a = answers[spec.name]
                     theirs = layout_of(spec.name, a, spec, self._token_codec)
@@ -206,10 +206,11 @@ class CachedTeacher(KnowledgeSource):
                     if theirs != layout:
                         raise CacheError(f"the fallback answered output {spec.name!r} as {theirs}, "
                                          f"the cache holds {layout}; give it the recorded OutputSpec")
-                    own = (columns(spec.name, a, layout), torch.arange(len(missing)), idx)
+                    prepared[spec.name] = (layout, columns(spec.name, a, layout))
+                    own = (prepared[spec.name][1], torch.arange(len(missing)), idx)
                     merged[spec.name] = gather(spec.name, layout, [*parts, own], len(keys), (spec, inputs, keys))
                 if self._writer is not None:
-                    self._writer.add(missing_keys, answers)
+                    self._writer.add(missing_keys, answers, prepared)  # the columns just merged, not rebuilt
             except BaseException as exc:  # the future must resolve whatever happened
                 self._count("failed", hits=n_hits, misses=len(missing))
                 settle(out, None, exc if isinstance(exc, StudentError) else
