@@ -1,7 +1,7 @@
 """``edistill registry ls|watch|serve``: tables of the live teachers in a registry, and a registry to run.
 
 Thin: argument parsing and printing only; the reads are
-:func:`registry.discovery.fetch_service` and :func:`registry.discovery.list_services`,
+:func:`registry.discovery.fetch_views` and :func:`registry.discovery.list_services`,
 ``serve`` is :func:`registry.standalone.serve_registry`.
 
 Exit codes: 0 success; 1 ``ls --service NAME`` found no live teacher of
@@ -25,9 +25,8 @@ from typing import TextIO
 
 from redis import exceptions as redis_exc
 
-from registry import keys
 from registry.connection import REGISTRY_URL_ENV, connect, map_redis_error
-from registry.discovery import ServiceView, fetch_service, list_services
+from registry.discovery import ServiceView, fetch_views, list_services
 from registry.errors import RegistryConfigError
 from registry.urls import redact_url
 
@@ -91,12 +90,6 @@ def _url(args: argparse.Namespace) -> str:
             "`edistill registry serve` for a registry of its own and use the URL it prints"
         )
     return url
-
-
-def fetch_views(client: object, service: str | None) -> list[ServiceView]:
-    """One read of ``service`` (or of every service with live teachers)."""
-    names = [keys.validate_name(service, "--service")] if service else list_services(client)  # type: ignore[arg-type]
-    return [fetch_service(client, name, prune=False) for name in names]  # type: ignore[arg-type]
 
 
 def _age(seconds: float) -> str:

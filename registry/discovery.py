@@ -19,7 +19,7 @@ from registry.connection import server_time_ms
 from registry.errors import BadRecordError
 from registry.record import TeacherRecord, decode_record
 
-__all__ = ["ServiceView", "fetch_service", "list_services"]
+__all__ = ["ServiceView", "fetch_service", "fetch_views", "list_services"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,3 +109,13 @@ def list_services(client: redis.Redis, *, include_idle: bool = False) -> list[st
     if isinstance(results[0], Exception):
         raise results[0]
     return sorted(raw.decode(errors="replace") for raw in results[0])
+
+
+def fetch_views(client: redis.Redis, service: str | None) -> list[ServiceView]:
+    """One read of ``service`` (or of every service with live teachers), without pruning.
+
+    Raises:
+        RegistryConfigError: ``service`` is not a valid name (named as ``--service``).
+    """
+    names = [keys.validate_name(service, "--service")] if service else list_services(client)
+    return [fetch_service(client, name, prune=False) for name in names]

@@ -149,12 +149,13 @@ class RegistryHook:
 
 def _other_teachers(url: str) -> list[str]:
     """``"service/endpoint"`` of the live teachers in the registry at ``url``."""
-    from registry import connect, fetch_service, list_services
+    from registry import connect
+    from registry.discovery import fetch_views
 
     client = connect(url, socket_timeout_s=1.0, connect_timeout_s=1.0)
     try:
-        return [f"{service}/{endpoint}" for service in list_services(client)
-                for endpoint in sorted(fetch_service(client, service, prune=False).teachers)]
+        return [f"{view.service}/{endpoint}" for view in fetch_views(client, None)
+                for endpoint in sorted(view.teachers)]
     except Exception as exc:  # noqa: BLE001 - a warning only; never block the drain
         log.debug("could not list the teachers left in the embedded registry: %s", exc)
         return []
