@@ -41,11 +41,13 @@ from typing import Any, Callable
 
 from .cache._manifest import TeacherInfo, ensure_manifest, make_manifest
 from .cache._shards import list_shards, read_meta, remove_stale_temps
+from .cache._tensors import take_rows
 from .cache._writer import CacheWriter, check_keys
+from .compose import _Chained
 from .errors import CacheError, CacheMismatchError, ConfigError
 from .outputs import normalize_outputs
 from .reader import DistillReader
-from .sources import KnowledgeSource, SourceRequest, check_request
+from .sources import KnowledgeSource, SourceRequest, check_request, require_keys
 
 __all__ = ["RecordResult", "record", "teacher_info"]
 
@@ -117,14 +119,10 @@ class _Unrecorded(KnowledgeSource):
         import torch
 
         inputs, batch_id, keys = check_request(request)
-        if keys is None:
-            raise ConfigError("record() stores answers by sample key and this loader gives none; pass "
-                              "sample_keys=callable(batch) -> keys, or use a DataLoader over a map-style dataset "
-                              "(its dataset indices are the default keys)")
-        keys = check_keys(keys)
+        keys = check_keys(require_keys(keys, "record() stores answers by sample key"))
         todo = [i for i, k in enumerate(keys) if k not in self.done]
         self.skipped += len(keys) - len(todo)
-        out: Future = Future()
+        out = _Chained()  # cancelling it cancels the inner source's future
         if not todo:
             out.set_result(None)
             return out
@@ -132,8 +130,9 @@ class _Unrecorded(KnowledgeSource):
         self.done.update(picked)
         if len(todo) < len(keys):
             idx = torch.tensor(todo)
-            inputs = {n: v.index_select(0, idx) if hasattr(v, "index_select") else v[todo] for n, v in inputs.items()}
+            inputs = {n: take_rows(v, idx) for n, v in inputs.items()}
         inner = self.inner.submit(SourceRequest(inputs, batch_id, picked))
+        out.parts.append(inner)
         inner.add_done_callback(lambda f: _chain(f, out, picked))
         return out
 
@@ -141,13 +140,13 @@ class _Unrecorded(KnowledgeSource):
         pass  # the caller owns the inner source
 
 
-def _chain(f: Future, out: Future, keys: list) -> None:
+def _chain(f: Future, out: _Chained, keys: list) -> None:
     if f.cancelled():
         out.cancel()
     elif f.exception() is not None:
-        out.set_exception(f.exception())
+        out.settle(None, f.exception())
     else:
-        out.set_result((keys, f.result()))
+        out.settle((keys, f.result()))  # False (ignored) when the caller cancelled it meanwhile
 
 
 def record(loader: Any, source: KnowledgeSource, out_dir: str | os.PathLike, *,

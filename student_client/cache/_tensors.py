@@ -1,12 +1,17 @@
-"""Small tensor helpers the cache modules share: dtype names as stored in shard metadata."""
+"""Small tensor helpers the cache modules (and the recorder) share: dtype names as stored in shard
+metadata, and picking rows of a batch's inputs."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from protos import outputs as shared
 
-__all__ = ["dtype_name", "index_dtype"]
+from ..errors import ConfigError
+
+__all__ = ["dtype_name", "index_dtype", "take_rows"]
 
 
 def dtype_name(dtype: Any) -> str:
@@ -20,3 +25,12 @@ def index_dtype(classes: int) -> str:
     The same choice as the wire's compact indices (:func:`protos.outputs.index_dtype`).
     """
     return dtype_name(shared.index_dtype(classes))
+
+
+def take_rows(value: Any, idx: Any) -> Any:
+    """Rows ``idx`` (an int64 index tensor) of a batch-first input (tensor or ndarray)."""
+    if hasattr(value, "index_select"):
+        return value.index_select(0, idx.to(value.device))
+    if isinstance(value, np.ndarray):
+        return value[idx.numpy()]
+    raise ConfigError(f"cannot pick the missing rows of an input of type {type(value).__name__}")

@@ -20,6 +20,7 @@ from ._index import KeyIndex
 from ._layout import columns, gather, layout_of
 from ._manifest import TeacherInfo, check_outputs, load_manifest, specs_of
 from ._shards import Shard, list_shards, read_meta, read_shard
+from ._tensors import take_rows
 from ._writer import CacheWriter
 
 __all__ = ["CachedTeacher"]
@@ -189,7 +190,7 @@ class CachedTeacher(KnowledgeSource):
         import torch
 
         idx = torch.from_numpy(missing)
-        sub = {name: _take_rows(v, idx) for name, v in inputs.items()}
+        sub = {name: take_rows(v, idx) for name, v in inputs.items()}
         fut = self._fallback.submit(SourceRequest(sub, batch_id, missing_keys))
         n_hits = len(keys) - len(missing)
 
@@ -287,13 +288,4 @@ class CachedTeacher(KnowledgeSource):
             while self._loaded_bytes > self._max_bytes and len(self._loaded) > 1:
                 _, (_, dropped) = self._loaded.popitem(last=False)
                 self._loaded_bytes -= dropped
-
-
-def _take_rows(value: Any, idx: Any) -> Any:
-    """Rows ``idx`` of a batch-first input (tensor or ndarray)."""
-    if hasattr(value, "index_select"):
-        return value.index_select(0, idx.to(value.device))
-    if isinstance(value, np.ndarray):
-        return value[idx.numpy()]
-    raise ConfigError(f"cannot pick the missing rows of an input of type {type(value).__name__}")
 
