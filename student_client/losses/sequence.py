@@ -57,7 +57,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import ConfigError
 from ..outputs import Dense, OutputSpec, Sampled, TeacherValue, TopK
 from .base import OneOutputLoss, student_output, teacher_answer
-from .response import _resolve
+from .response import _check_temperature, _resolve
 
 __all__ = ["DIVERGENCES", "SequenceKDLoss", "sequence_kd_loss"]
 
@@ -70,9 +70,7 @@ def _check(divergence: str, beta: float, temperature: float) -> None:
         raise ConfigError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
         raise ConfigError(f"beta must be a number in [0, 1], got {beta!r}")
-    if isinstance(temperature, bool) or not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
-                                             and temperature > 0):
-        raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}")
+    _check_temperature(temperature)
 
 
 def _kind(divergence: str, beta: float) -> str:
@@ -187,7 +185,7 @@ def sequence_kd_loss(student_logits: torch.Tensor, teacher: TeacherValue | torch
     shape = tuple(teacher.dense_shape) if isinstance(teacher, (TopK, Sampled)) else tuple(teacher.shape)
     if shape != (B, L, V):
         raise ConfigError(f"teacher shape {shape} != student logits shape {(B, L, V)}")
-    if kind != "forward_kl" and isinstance(teacher, Sampled) and kind == "reverse_kl":
+    if kind == "reverse_kl" and isinstance(teacher, Sampled):
         raise ConfigError("reverse KL needs the teacher's probability of every token the student predicts; a "
                           "sampled teacher gives only its draws: use forward_kl or jsd with beta < 1, or top_k")
     if kind == "reverse_kl" and isinstance(teacher, TopK) and transform == "raw":
