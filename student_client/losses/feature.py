@@ -55,12 +55,16 @@ _REDUCTIONS = ("mean", "sum")
 
 
 def teacher_features(teacher: Any, name: str, loss: Loss) -> torch.Tensor:
-    """The teacher activation ``name`` as a plain constant tensor (a dense answer, never top-k)."""
+    """The teacher activation ``name`` as a plain tensor (a dense answer, never top-k).
+
+    Not detached here: the loss functions it feeds (:func:`hint_loss`, ...) make their teacher side a
+    constant themselves, since they are also called directly.
+    """
     answer = teacher_answer(teacher, name, loss)
     if isinstance(answer, TopK) or not isinstance(answer, torch.Tensor):
         raise ConfigError(f"{type(loss).__name__} needs the dense teacher activation {name!r}, got "
                           f"{type(answer).__name__}; request it with top_k=0 and transform='raw'")
-    return _constant(torch.Tensor.as_subclass(answer, torch.Tensor))
+    return torch.Tensor.as_subclass(answer, torch.Tensor)
 
 
 def _check_reduction(reduction: str) -> None:
@@ -118,7 +122,7 @@ class PairLoss(OneOutputLoss):
         super().__init__(OutputSpec(teacher_output, "raw", dtype=dtype), student_output)
 
     def pair(self, student: Any, teacher: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(student[student_output], teacher[teacher_output] as a constant)``."""
+        """``(student[student_output], teacher[teacher_output])``; the loss functions detach the teacher side."""
         return (student_output(student, self.student_output, self),
                 teacher_features(teacher, self._spec.name, self))
 
