@@ -131,13 +131,13 @@ class BornAgain:
 
     def _taught_by(self, teacher_model: Any, model: Any, g: int) -> Generation:
         frozen = copy.deepcopy(teacher_model).eval()  # the teacher stops changing here
-        gen = Generation(g, model, _NoTeacher(), self.loss)
+        closers: list = []  # the server's close, for teacher="service"
         if callable(self._teacher):
-            gen.source = self._teacher(frozen, g - 1)
+            source = self._teacher(frozen, g - 1)
         elif self._teacher == "in-process":
-            gen.source = InProcessTeacher(frozen, self.loss)
+            source = InProcessTeacher(frozen, self.loss)
         elif self._teacher == "cache":
-            gen.source = self._recorded(frozen, g - 1)
+            source = self._recorded(frozen, g - 1)
         else:
             from teacher_server import BackgroundTeacher, LoadedModel, TeacherConfig
 
@@ -149,11 +149,10 @@ class BornAgain:
                                   "pass inputs=[('x', 'float32', (features,))] or set model.edistill_inputs")
             server = BackgroundTeacher(TeacherConfig(model_name=f"born-again-g{g - 1}", model_version=str(g - 1)),
                                        LoadedModel.from_module(frozen, inputs)).start()
-            gen._closers.append(server.close)
-            gen.source = TeacherPool([server.address], self.loss)
-            gen.source.wait_for_teachers(1, timeout_s=30.0)
-        gen._closers.insert(0, gen.source.close)
-        return gen
+            closers.append(server.close)
+            source = TeacherPool([server.address], self.loss)
+            source.wait_for_teachers(1, timeout_s=30.0)
+        return Generation(g, model, source, self.loss, [source.close, *closers])
 
     def _recorded(self, frozen: Any, g: int) -> KnowledgeSource:
         """Record generation ``g``'s answers over ``record_loader``; the cache that holds them."""

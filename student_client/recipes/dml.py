@@ -35,6 +35,14 @@ from ..losses import CELoss, kd_loss
 __all__ = ["DeepMutualLearning"]
 
 
+def mean_kd(z: torch.Tensor, teachers: Sequence[torch.Tensor], temperature: float) -> torch.Tensor:
+    """``mean_j kd_loss(z, t_j)`` over ``teachers`` ``(B, C)`` each, detached: no gradient reaches a teacher.
+
+    The mimicry term of DML and the individual term of DKEL (:mod:`.mean_teacher`).
+    """
+    return sum(kd_loss(z, t.detach(), temperature=temperature) for t in teachers) / len(teachers)
+
+
 class DeepMutualLearning(nn.Module):
     """K peers that learn from each other's current predictions (DML).
 
@@ -66,8 +74,7 @@ class DeepMutualLearning(nn.Module):
             raise ConfigError(f"got logits of {len(logits)} peers, this DML has {len(self.peers)}")
         out = []
         for k, z in enumerate(logits):
-            others = self.teachers_of(logits, k)
-            mimicry = sum(kd_loss(z, t, temperature=self.temperature) for t in others) / len(others)
+            mimicry = mean_kd(z, self.teachers_of(logits, k), self.temperature)
             out.append(self._ce(z, None, labels) + self.kl_weight * mimicry)
         return out
 

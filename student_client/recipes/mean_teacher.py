@@ -41,6 +41,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..losses import CELoss, kd_loss
+from .dml import mean_kd
 
 __all__ = ["DecoupledMeanTeacher"]
 
@@ -135,7 +136,7 @@ class DecoupledMeanTeacher(nn.Module):
         out = []
         for k, z in enumerate(students):
             mine = [m.detach() for j, m in enumerate(teachers) if j != k] if K > 1 else [teachers[k].detach()]
-            individual = sum(kd_loss(z, m, temperature=T) for m in mine) / len(mine)
+            individual = mean_kd(z, mine, T)
             loss = self._ce(z, None, labels)
             if K > 1:
                 loss = loss + r * kd_loss(z, ens, temperature=T)
