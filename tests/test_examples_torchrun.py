@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 import torch
 
 from registry import EmbeddedRedis
+from tests.helpers.redis_proc import child_env
 from tests.helpers.teacher_proc import REPO_ROOT, TeacherProcess
 
 SCRIPT = REPO_ROOT / "examples" / "train_student.py"
@@ -52,15 +52,8 @@ def teachers():
                 p.close()
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EDISTILL_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                                      "MASTER_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])))
-    return env
-
-
 def _run(argv: list[str], timeout_s: float = 120) -> subprocess.CompletedProcess:
-    proc = subprocess.run(argv, cwd=REPO_ROOT, env=_env(), stdin=subprocess.DEVNULL, capture_output=True,
+    proc = subprocess.run(argv, cwd=REPO_ROOT, env=child_env(), stdin=subprocess.DEVNULL, capture_output=True,
                           text=True, timeout=timeout_s)
     return proc
 

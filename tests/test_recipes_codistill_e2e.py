@@ -10,28 +10,19 @@ polls a condition with a deadline.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from registry import EmbeddedRedis
-from tests.helpers.redis_proc import REPO_ROOT, wait_until
+from tests.helpers.redis_proc import REPO_ROOT, child_env, wait_until
 
 SCRIPT = REPO_ROOT / "examples" / "codistill.py"
 DEADLINE_S = 90.0
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EDISTILL_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                                      "MASTER_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO_ROOT))
-    return env
 
 
 class Peer:
@@ -41,7 +32,8 @@ class Peer:
         self.log_path = log_path
         self._stderr = open(log_path, "w")
         self.proc = subprocess.Popen([sys.executable, str(SCRIPT), *argv], stdout=subprocess.PIPE,
-                                     stderr=self._stderr, text=True, env=_env(), cwd=REPO_ROOT)
+                                     stderr=self._stderr, text=True, env=child_env(PYTHONUNBUFFERED="1"),
+                                     cwd=REPO_ROOT)
         self.events: list[dict] = []
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -141,7 +133,8 @@ def test_peers_as_torchrun_ranks(tmp_path: Path) -> None:
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
              "--registry", redis.url, "--group", "ranks", "--steps", "150", "--burn-in", "30", "--exchange-every",
              "30", "--wait-peers", "1", "--report-every", "1000"],
-            cwd=REPO_ROOT, env=_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180)
+            cwd=REPO_ROOT, env=child_env(PYTHONUNBUFFERED="1"), stdin=subprocess.DEVNULL, capture_output=True,
+            text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     done = [json.loads(line) for line in proc.stdout.splitlines() if '"event": "done"' in line]
     assert sorted(d["shard"] for d in done) == ["0/2", "1/2"]

@@ -18,7 +18,7 @@ import pytest
 
 from registry import RegistryConfigError, connect, fetch_service, list_services
 from registry.standalone import prepare_password_file
-from tests.helpers.redis_proc import REPO_ROOT, pid_alive, redis_with_password, wait_until  # noqa: F401
+from tests.helpers.redis_proc import REPO_ROOT, children, pid_alive, redis_with_password, wait_until  # noqa: F401
 from tests.helpers.teacher_proc import TeacherProcess
 
 SERVICE = "lifetime"
@@ -56,17 +56,6 @@ def _live(url: str) -> set[str]:
         client.close()
 
 
-def _redis_children(pid: int) -> list[int]:
-    kids = []
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat_file.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                kids.append(int(stat_file.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return kids
-
-
 def test_the_registry_outlives_a_sigtermed_teacher_and_a_new_teacher_joins_it():
     registry = RegistryServe()
     try:
@@ -75,7 +64,7 @@ def test_the_registry_outlives_a_sigtermed_teacher_and_a_new_teacher_joins_it():
         password_file = url.split("?password_file=", 1)[1]
         password = Path(password_file).read_text().strip()
         assert stat.S_IMODE(os.stat(password_file).st_mode) == 0o600 and len(password) >= 16
-        (redis_pid,) = _redis_children(registry.proc.pid)
+        (redis_pid,) = children(registry.proc.pid)
         for pid in (registry.proc.pid, redis_pid):  # never on a process list
             assert password not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
 

@@ -42,6 +42,18 @@ def pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def children(pid: int) -> list[int]:
+    """The ids of the processes whose parent is ``pid`` (read from ``/proc``)."""
+    out = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat_file.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat_file.parent.name))
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+    return out
+
+
 @pytest.fixture
 def redis_server() -> Iterator[EmbeddedRedis]:
     """A fresh real redis-server on a free loopback port, torn down after the test."""
@@ -54,6 +66,17 @@ def redis_with_password() -> Iterator[EmbeddedRedis]:
     """A real redis-server with ``requirepass``."""
     with EmbeddedRedis(password="Pa55-w0rd-xyz") as server:
         yield server
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child run from the repository: no inherited ``EDISTILL_*`` settings or
+    torch.distributed variables (``RANK``, ``MASTER_ADDR``...), one OpenMP thread, the repository first on
+    ``PYTHONPATH``, then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EDISTILL_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                      "MASTER_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])))
+    env.update(extra)
+    return env
 
 
 class PythonChild:
