@@ -21,7 +21,6 @@ it flaky. Cost: about 65 s on an idle 2-core box, up to ~110 s when it is shared
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import logging
 import re
@@ -45,11 +44,10 @@ from protos.edistill.v1 import teacher_pb2_grpc as pb_grpc
 from registry import EmbeddedRedis, TeacherRecord, connect, encode_record, fetch_service, keys
 from registry.connection import server_time_ms
 from student_client import DistillReader, NoTeacherAvailableError, PoolConfig, TeacherPool
-from tests.helpers.redis_proc import pid_alive, wait_until
-from tests.helpers.teacher_proc import TeacherProcess
+from tests.helpers.redis_proc import children, pid_alive, wait_until
+from tests.helpers.teacher_proc import LATENCY, TeacherProcess, start_teachers
 from tests.helpers.transports import TRANSPORTS, wait_for_transport
 
-LATENCY = "teacher_server.zoo:latency"
 SERVICE = "elastic"
 SHORT = ("--heartbeat-s", "0.5", "--ttl-s", "1.5")
 SHORT_TTL_S = 1.5
@@ -78,18 +76,6 @@ def loader(n: int, batch_size: int = 8) -> DataLoader:
 def teacher_args(url: str, *timing: str, delay_ms: float = 20, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
     return ("--registry", url, "--service", SERVICE, *timing,
             "--model-kwargs", f'{{"delay_ms": {delay_ms}}}', *extra)
-
-
-def start_teachers(n: int, *args: str) -> list[TeacherProcess]:
-    """n teacher processes started in parallel; all closed again if one fails."""
-    procs = [TeacherProcess(LATENCY, *args) for _ in range(n)]
-    with concurrent.futures.ThreadPoolExecutor(n) as ex:
-        outcomes = [ex.submit(p.start) for p in procs]
-    errors = [f.exception() for f in outcomes if f.exception() is not None]
-    if errors:
-        close_all(procs)
-        raise errors[0]
-    return procs
 
 
 def close_all(procs: list[TeacherProcess]) -> None:
@@ -353,25 +339,13 @@ def test_sigterm_deregisters_at_once_answers_in_flight_and_exits_0(redis_server,
 # ----------------------------------------------------------- --registry local
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_registry_local_runs_an_embedded_redis_and_leaves_no_orphan(sig):
     with TeacherProcess(LATENCY, "--registry", "local", "--service", SERVICE) as proc:
         match = wait_until(lambda: re.search(r"embedded Redis for the registry at (redis://\S+?);",
                                              proc.stderr_text()), timeout_s=10, what="the embedded Redis URL")
         url = match.group(1)
-        (redis_pid,) = [c for c in _children(proc.pid) if "redis" in Path(f"/proc/{c}/cmdline").read_bytes().decode(
+        (redis_pid,) = [c for c in children(proc.pid) if "redis" in Path(f"/proc/{c}/cmdline").read_bytes().decode(
             errors="replace")]
         client = connect(url)
         assert live_endpoints(client) == {proc.address}

@@ -15,7 +15,6 @@ is measured by ``bench/failover.py --signal STOP``, not asserted here.
 
 from __future__ import annotations
 
-import concurrent.futures
 import signal
 import time
 
@@ -25,10 +24,9 @@ from torch.utils.data import DataLoader
 
 from student_client import DistillReader, PoolConfig, TeacherPool
 from tests.helpers.datasets import IdDataset
-from tests.helpers.teacher_proc import TeacherProcess
+from tests.helpers.teacher_proc import start_teachers
 from tests.helpers.transports import TRANSPORTS, wait_for_transport
 
-LATENCY = "teacher_server.zoo:latency"
 FREEZE_AT = 40  # batches delivered before the freeze: both teachers have the 8 answers "auto" needs
 TIMEOUT_S = 20.0  # per-call deadline: far beyond the hedge (0.5 s), so a batch it rescues was not hedged
 DEADLINE_S = 90.0
@@ -37,12 +35,8 @@ DEADLINE_S = 90.0
 @pytest.fixture(scope="module")
 def two_teachers():
     """Two latency teachers for both transports' runs (each run thaws the one it froze)."""
-    procs = [TeacherProcess(LATENCY, "--model-kwargs", '{"delay_ms": 10}', env={"OMP_NUM_THREADS": "1"})
-             for _ in range(2)]
+    procs = start_teachers(2, "--model-kwargs", '{"delay_ms": 10}', env={"OMP_NUM_THREADS": "1"})
     try:
-        with concurrent.futures.ThreadPoolExecutor(2) as ex:
-            for f in [ex.submit(p.start) for p in procs]:
-                f.result()
         yield procs
     finally:
         for p in procs:

@@ -7,7 +7,6 @@ the batch it belongs to and every sample id counted.
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -23,36 +22,10 @@ from student_client import (
     TeacherRequestError,
     TopK,
 )
-from tests.helpers.teacher_proc import TeacherProcess
+from tests.helpers.teacher_proc import start_teachers
 from tests.helpers import datasets
 
-LATENCY = "teacher_server.zoo:latency"
-
-
 IdDataset = datasets.IdDataset
-
-
-def start_teachers(n: int, *args: str) -> list[TeacherProcess]:
-    """Start n teacher processes in parallel (each takes ~2 s to import torch and load)."""
-    procs = [TeacherProcess(LATENCY, *args) for _ in range(n)]
-    errors: list[BaseException] = []
-
-    def run(p):
-        try:
-            p.start()
-        except BaseException as exc:  # reported below, after every thread ends
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(p,)) for p in procs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        for p in procs:
-            p.close()
-        raise errors[0]
-    return procs
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,17 @@ on ``PYTHONPATH``, so factory specs from the ``tests`` package
 
 from __future__ import annotations
 
+import concurrent.futures
 import pathlib
+from collections.abc import Mapping
 
 from teacher_server import process as _process
-from teacher_server.process import READY_PREFIX, TeacherStartError
+from teacher_server.process import READY_PREFIX, TeacherStartError, close_all
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+LATENCY = "teacher_server.zoo:latency"
 
-__all__ = ["READY_PREFIX", "REPO_ROOT", "TeacherProcess", "TeacherStartError"]
+__all__ = ["LATENCY", "READY_PREFIX", "REPO_ROOT", "TeacherProcess", "TeacherStartError", "start_teachers"]
 
 
 class TeacherProcess(_process.TeacherProcess):
@@ -29,3 +32,19 @@ class TeacherProcess(_process.TeacherProcess):
         kwargs.setdefault("cwd", REPO_ROOT)
         kwargs["pythonpath"] = [REPO_ROOT, *kwargs.get("pythonpath", ())]
         super().__init__(model, *serve_args, **kwargs)
+
+
+def start_teachers(n: int, *serve_args: str, env: Mapping[str, str] | None = None,
+                   model: str = LATENCY) -> list[TeacherProcess]:
+    """``n`` teacher processes of ``model`` started in parallel (each takes seconds to import torch and load).
+
+    If one fails to start, every one is closed again and its error raised.
+    """
+    procs = [TeacherProcess(model, *serve_args, env=env) for _ in range(n)]
+    with concurrent.futures.ThreadPoolExecutor(n) as ex:
+        outcomes = [ex.submit(p.start) for p in procs]
+    errors = [f.exception() for f in outcomes if f.exception() is not None]
+    if errors:
+        close_all(procs)
+        raise errors[0]
+    return procs
