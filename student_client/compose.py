@@ -22,7 +22,7 @@ import math
 import threading
 from concurrent.futures import Future
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .errors import AnswerMissingError, ConfigError, NoTeacherAvailableError, StudentError
 from .futures import settle
@@ -57,6 +57,33 @@ class _Chained(Future):
     def settle(self, result: Any = None, exc: BaseException | None = None) -> bool:
         """Resolve once; False if it was cancelled or resolved already."""
         return settle(self, result, exc)
+
+
+def when_all(futures: Sequence[Future], callback: Callable[[], None]) -> None:
+    """Call ``callback()`` once, when the last of ``futures`` is done (at once if there are none).
+
+    It runs in the thread that completed that last future.
+    """
+    if not futures:
+        callback()
+        return
+    left = [len(futures)]
+    lock = threading.Lock()  # done-callbacks run in the threads that resolve the futures
+
+    def done(_f: Future) -> None:
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        callback()
+
+    for f in futures:
+        f.add_done_callback(done)
+
+
+def mean_answers(answers: Sequence[dict[str, TeacherValue]], weights: Sequence[float]) -> dict[str, TeacherValue]:
+    """``{name: mean_answer(...)}`` over every output name of the first answer; ``{}`` for no answers."""
+    return {name: mean_answer([a[name] for a in answers], weights, name=name) for name in answers[0]} if answers else {}
 
 
 class _Composite(KnowledgeSource):
@@ -204,17 +231,10 @@ class EnsembleSource(_Composite):
                 f.cancel()
             self._finish(out, exc=exc)
             return out
-        left = [len(out.parts)]
-        lock = threading.Lock()
-        for f in out.parts:
-            f.add_done_callback(partial(self._answered, request, out, left, lock))
+        when_all(out.parts, partial(self._answered, request, out))
         return out
 
-    def _answered(self, request: SourceRequest, out: _Chained, left: list, lock: threading.Lock, _f) -> None:
-        with lock:
-            left[0] -= 1
-            if left[0]:
-                return
+    def _answered(self, request: SourceRequest, out: _Chained) -> None:
         if out.cancelled():
             return
         answers, weights, missing = [], [], None
@@ -232,8 +252,7 @@ class EnsembleSource(_Composite):
             self._finish(out, exc=missing)
             return
         try:
-            self._finish(out, {name: mean_answer([a[name] for a in answers], weights, name=name)
-                               for name in answers[0]})
+            self._finish(out, mean_answers(answers, weights))
         except StudentError as exc:
             self._finish(out, exc=exc)
 

@@ -38,7 +38,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..compose import _Chained, mean_answer  # a future whose cancel() cancels its parts
+from ..compose import _Chained, mean_answers, when_all  # _Chained: a future whose cancel() cancels its parts
 from ..config import PoolConfig
 from ..errors import ConfigError, NoTeacherAvailableError, SourceClosedError, StudentError
 from ..futures import settle
@@ -292,18 +292,7 @@ class PeerSource(KnowledgeSource):
         if not parts:
             self._resolve(out, [], {})
             return out
-        left = [len(parts)]
-        lock = threading.Lock()
-
-        def done(_f: Future) -> None:
-            with lock:
-                left[0] -= 1
-                if left[0]:
-                    return
-            self._combine(request, out, parts, step)
-
-        for _, f in parts:
-            f.add_done_callback(done)
+        when_all([f for _, f in parts], lambda: self._combine(request, out, parts, step))
         return out
 
     def _combine(self, request: SourceRequest, out: Future, parts: list[tuple[_Peer, Future]], step: int) -> None:
@@ -321,8 +310,7 @@ class PeerSource(KnowledgeSource):
                 logger.debug("batch %s: peer %s gave no answer (%s)", request.batch_id, peer.stats.name,
                              "cancelled" if f.cancelled() else f.exception())
         try:
-            result = {name: mean_answer([a[name] for a in answers], [1.0] * len(answers), name=name)
-                      for name in answers[0]} if answers else {}
+            result = mean_answers(answers, [1.0] * len(answers))
         except StudentError as exc:
             with self._lock:
                 self._n["failed"] += 1
