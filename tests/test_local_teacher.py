@@ -35,8 +35,8 @@ from tests.helpers.local_raw import (  # noqa: F401  (fixtures: client, latency_
     runtime_dir,
     serving,
     two_input_teacher,
-    wait_for,
 )
+from tests.helpers.redis_proc import wait_until
 
 pytestmark = LOCAL_ONLY
 
@@ -167,7 +167,7 @@ def test_large_replies_arrive_whole_and_in_completion_order(runtime_dir) -> None
             assert c.hello().code == OK
             calls = {c.send_request(ids_input([10 * k, 10 * k + 1])): k for k in range(6)}
             # All answered before the client reads one: the replies wait in the teacher's write buffer.
-            wait_for(lambda: t.server.local.in_flight == 0, "the teacher did not answer")
+            wait_until(lambda: t.server.local.in_flight == 0, timeout_s=10, what="the teacher to answer")
             for _ in range(len(calls)):
                 reply = c.recv_reply()
                 k = calls.pop(reply.call_id)
@@ -227,7 +227,7 @@ def test_protocol_violation_closes_the_connection_without_leaking_fds(latency_te
     # Every descriptor the teacher received on the closed connection was closed
     # (in-process server, so its descriptors are this process's; the client's
     # memfds were closed by send_request, its socket by the `with`).
-    wait_for(lambda: open_fds() <= before, f"descriptors leaked: {before} before, {open_fds()} after")
+    wait_until(lambda: open_fds() <= before, timeout_s=10, what=f"the descriptors back to {before} (leaked)")
     assert ids_of(client.predict(ids_input([5]))) == [5]  # the server, and other connections, go on
 
 

@@ -36,8 +36,8 @@ from tests.helpers.local_raw import (  # noqa: F401  (fixtures: client, latency_
     open_fds,
     runtime_dir,
     serving,
-    wait_for,
 )
+from tests.helpers.redis_proc import wait_until
 from tests.helpers.teacher_proc import TeacherProcess
 
 pytestmark = LOCAL_ONLY
@@ -132,10 +132,11 @@ def test_drain_finishes_in_flight_requests_then_closes(runtime_dir) -> None:
         with RawLocalClient(path) as c:
             assert c.hello().code == OK
             first = c.send_request(ids_input([1]))
-            wait_for(lambda: t.server.batcher.in_flight == 1, "the first request never reached the model")
+            wait_until(lambda: t.server.batcher.in_flight == 1, timeout_s=10,
+                       what="the first request to reach the model")
             stopping = threading.Thread(target=t.close, kwargs={"grace_s": 10.0})
             stopping.start()
-            wait_for(lambda: t.server.local.draining, "the drain never began")
+            wait_until(lambda: t.server.local.draining, timeout_s=10, what="the drain to begin")
             assert not os.path.exists(path)  # no new connections since health turned NOT_SERVING
             late = c.send_request(ids_input([2]))
             replies = {r.call_id: r for r in (c.recv_reply(), c.recv_reply())}

@@ -13,7 +13,6 @@ import collections
 import contextlib
 import os
 import socket
-import time
 
 import grpc
 import numpy as np
@@ -31,7 +30,7 @@ from teacher_server.signature import TensorSpec
 
 __all__ = ["INVALID_ARGUMENT", "LOCAL_ONLY", "OK", "TIMEOUT_S", "RawLocalClient", "TwoInputs", "Wide", "client",
            "describe", "grpc_predict", "ids_input", "ids_of", "latency_teacher", "memfd", "open_fds", "runtime_dir",
-           "serving", "two_input_teacher", "wait_for"]
+           "serving", "two_input_teacher"]
 
 #: ``pytestmark`` of the modules testing the local transport.
 LOCAL_ONLY = [
@@ -242,12 +241,3 @@ def grpc_predict(address: str, arrays: dict[str, np.ndarray], request_id: str = 
         codec.encode(arr, req.inputs.add(), name=name)
     with grpc.insecure_channel(address) as ch:
         return pb_grpc.TeacherStub(ch).Predict(req, timeout=TIMEOUT_S)
-
-
-def wait_for(cond, message: str, timeout_s: float = 10.0) -> None:
-    """Poll ``cond`` until true; AssertionError(``message``) after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(message)
-        time.sleep(0.01)
