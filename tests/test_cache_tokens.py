@@ -13,6 +13,7 @@ from student_client import (CachedTeacher, CacheMismatchError, InProcessTeacher,
 from student_client.cache._tokens import QUANT_STEP  # noqa: E402
 from student_client.outputs import Sampled  # noqa: E402
 from teacher_server.hf import CausalLMLogits  # noqa: E402
+from tests.helpers.hf_models import tiny_llama  # noqa: E402
 
 V, N = 300, 24
 
@@ -41,10 +42,7 @@ def collate(seqs):
 
 @pytest.fixture(scope="module")
 def lm():
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    return CausalLMLogits(transformers.LlamaForCausalLM(cfg)).eval()
+    return CausalLMLogits(tiny_llama(V)).eval()
 
 
 def named(batch):

@@ -28,6 +28,7 @@ from teacher_server.errors import ModelLoadError  # noqa: E402
 from teacher_server.hf import CausalLMLogits, load_hf_model  # noqa: E402
 from teacher_server.model import load_model  # noqa: E402
 from teacher_server.transforms import plan_outputs  # noqa: E402
+from tests.helpers.hf_models import tiny_llama  # noqa: E402
 
 TIMEOUT_S = 30.0
 V, MAX_POS = 300, 64
@@ -35,11 +36,8 @@ V, MAX_POS = 300, 64
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POS)
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("llama")
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    tiny_llama(V, MAX_POS).save_pretrained(path)
     return str(path)
 
 
@@ -119,7 +117,7 @@ def test_the_token_budget_ends_a_batch_before_its_padded_pass_exceeds_it(model_d
     assert [(r.num_requests, r.batch_size, r.tokens) for r in records] == [(1, 1, 17), (2, 3, 33)]
 
 
-def test_served_top_k_with_tail_is_what_the_in_process_teacher_answers(served, model_dir) -> None:
+def test_served_top_k_with_tail_is_what_the_in_process_teacher_answers(served) -> None:
     model, stub = served
     spec = OutputSpec("logits", "log_probs", 2.0, top_k=16, dtype="float16", tail=True, mask="attention_mask")
     x = _batch(3, 13, 4, pad_from=5)
