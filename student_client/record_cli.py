@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import typing
 import sys
 from typing import Any
 
@@ -25,21 +26,35 @@ __all__ = ["add_commands", "parse_output", "load_data"]
 
 
 def parse_output(text: str):
-    """``NAME[,transform=T,temperature=X,top_k=K,dtype=D]`` -> :class:`OutputSpec` (the fields of OutputSpec)."""
+    """``NAME[,FIELD=VALUE...]`` -> :class:`OutputSpec`, FIELD any field of OutputSpec but its name
+    (``transform``, ``temperature``, ``top_k``, ``dtype``, ``sample``, ``seed``, ``tail``, ``mask``), each
+    value parsed as that field's type (``tail=true``)."""
+    from .cache._manifest import _SPEC_FIELDS
     from .outputs import OutputSpec
 
+    types = typing.get_type_hints(OutputSpec)
     name, *pairs = [p.strip() for p in text.split(",")]
     fields: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or key not in ("transform", "temperature", "top_k", "dtype"):
+        if not sep or key not in _SPEC_FIELDS:
             raise ConfigError(f"--output {text!r}: expected NAME[,transform=...,temperature=...,top_k=...,dtype=...], "
-                              f"got {pair!r}")
+                              f"got {pair!r}; the fields are {', '.join(_SPEC_FIELDS)}")
+        fields[key] = _parse_value(text, key, value, types[key])
+    return OutputSpec(name, **fields)
+
+
+def _parse_value(text: str, key: str, value: str, kind: type) -> Any:
+    if kind is bool:
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"--output {text!r}: {key} must be true or false, got {value!r}")
+        return value.lower() in ("true", "1", "yes")
+    if kind in (int, float):
         try:
-            fields[key] = float(value) if key == "temperature" else int(value) if key == "top_k" else value
+            return kind(value)
         except ValueError:
             raise ConfigError(f"--output {text!r}: {key} must be a number, got {value!r}") from None
-    return OutputSpec(name, **fields)
+    return value
 
 
 def load_data(spec: str, batch_size: int, num_workers: int) -> Any:
@@ -95,7 +110,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--service", default=None, help="the teachers' service in the registry")
     p.add_argument("--output", action="append", default=[], metavar="SPEC",
                    help="output to record, NAME[,transform=raw|probs|log_probs,temperature=T,top_k=K,"
-                        "dtype=float32|float16|bfloat16]; repeatable (default: logits)")
+                        "dtype=float32|float16|bfloat16,sample=S,seed=N,tail=true|false,mask=INPUT]; "
+                        "repeatable (default: logits)")
     p.add_argument("--batch-size", type=int, default=256, help="DataLoader batch size for a dataset (default 256)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for a dataset (default 0)")
     p.add_argument("--inputs", default=None, metavar="NAME,NAME",

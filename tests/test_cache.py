@@ -172,6 +172,17 @@ def test_what_differs_from_the_recording_is_named(tmp_path, data, net):
         CachedTeacher(tmp_path / "empty")
 
 
+def test_a_request_for_fewer_draws_than_recorded_is_refused_naming_sample(tmp_path):
+    torch.manual_seed(0)
+    per_token = nn.Linear(FEATURES, CLASSES).eval()  # (B, L, FEATURES) -> (B, L, CLASSES): sampled answers
+    seqs = DataLoader(TensorDataset(torch.randn(64, 5, FEATURES)), batch_size=32)
+    recorded = OutputSpec("logits", "probs", sample=12)
+    record(seqs, InProcessTeacher(per_token, [recorded]), tmp_path, teacher=TeacherInfo("lm", "1"))
+    with pytest.raises(CacheMismatchError, match=r"output 'logits': sample recorded 12, asked 4"):
+        CachedTeacher(tmp_path, [OutputSpec("logits", "probs", sample=4)])
+    assert CachedTeacher(tmp_path, [recorded]).outputs == (recorded,)
+
+
 def test_a_missing_key_falls_through_to_the_live_source(tmp_path, data, net):
     spec = OutputSpec("logits", "log_probs", temperature=4.0)
     record(loader(data, subset=list(range(100))), InProcessTeacher(net, [spec]), tmp_path)

@@ -12,9 +12,10 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from student_client import CachedTeacher, InProcessTeacher, OutputSpec, SourceRequest, TeacherInfo
+from student_client import CachedTeacher, ConfigError, InProcessTeacher, OutputSpec, SourceRequest, TeacherInfo
 from student_client.cache._shards import list_shards, read_meta, read_shard
 from teacher_server import zoo
 from tests.helpers.cache_data import SIZE_ENV
@@ -69,6 +70,18 @@ def test_a_recorder_killed_mid_run_and_rerun_records_every_key_once(tmp_path):
     got = cache.submit(SourceRequest({"": x}, 0, list(range(N)))).result()["logits"]
     want = InProcessTeacher(zoo.latency(delay_ms=0, features=4), [SPEC]).submit(SourceRequest({"": x}, 0)).result()
     assert torch.equal(got, want["logits"]) and got.temperature == 2.0  # each value is the teacher's answer
+
+
+def test_record_cli_takes_every_output_spec_field_by_its_type():
+    from student_client.record_cli import parse_output
+
+    assert parse_output("logits,transform=log_probs,top_k=8,tail=true,mask=attention_mask") == OutputSpec(
+        "logits", "log_probs", top_k=8, tail=True, mask="attention_mask")
+    assert parse_output("logits,transform=probs,sample=12,seed=3") == OutputSpec("logits", "probs", sample=12, seed=3)
+    with pytest.raises(ConfigError, match="tail must be true or false, got 'maybe'"):
+        parse_output("logits,tail=maybe")
+    with pytest.raises(ConfigError, match="sample must be a number, got 'x'"):
+        parse_output("logits,sample=x")
 
 
 def test_record_cli_refuses_bad_arguments_in_one_line(capsys):

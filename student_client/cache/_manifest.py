@@ -30,7 +30,8 @@ from ._shards import FORMAT
 __all__ = ["MANIFEST", "TeacherInfo", "check_outputs", "ensure_manifest", "load_manifest", "make_manifest"]
 
 MANIFEST = "manifest.json"
-_SPEC_FIELDS = ("transform", "temperature", "top_k", "dtype")
+#: Every field of OutputSpec but its name: what a recorded output must match (a new field is compared too).
+_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(OutputSpec) if f.name != "name")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +131,8 @@ def check_outputs(directory: pathlib.Path, manifest: dict, asked: Sequence[Outpu
 
     Raises:
         CacheMismatchError: an output not recorded, recorded with another
-            transform, temperature, top-k or dtype, or another model version.
+            field of its OutputSpec (transform, temperature, top-k, dtype,
+            sample, seed, tail, mask), or another model version.
     """
     recorded = {s.name: s for s in specs_of(manifest)}
     diffs = []
