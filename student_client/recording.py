@@ -42,6 +42,7 @@ from typing import Any, Callable
 from .cache._manifest import TeacherInfo, ensure_manifest, make_manifest
 from .cache._shards import list_shards, read_meta, remove_stale_temps
 from .cache._tensors import take_rows
+from .cache._tokens import _CODECS
 from .cache._writer import CacheWriter, check_keys
 from .compose import _Chained
 from .errors import CacheError, CacheMismatchError, ConfigError
@@ -177,6 +178,8 @@ def record(loader: Any, source: KnowledgeSource, out_dir: str | os.PathLike, *,
         CacheMismatchError: ``out_dir`` holds another recording, or the teacher changed meanwhile.
         ConfigError: no sample keys, or bad arguments.
     """
+    if token_codec not in _CODECS:  # before anything is written: a bad codec leaves no manifest behind
+        raise ConfigError(f"token_codec must be {' or '.join(map(repr, _CODECS))}, got {token_codec!r}")
     own = getattr(source, "outputs", None)
     if outputs is None and own is None:
         raise ConfigError(f"record() needs outputs= for a {type(source).__name__} (it does not say what it answers)")
@@ -208,8 +211,6 @@ def record(loader: Any, source: KnowledgeSource, out_dir: str | os.PathLike, *,
                                          f"it is now {now}; the rows since the last shard were not written. Record "
                                          "the new model into a new directory")
 
-    if token_codec not in ("exact", "compact"):
-        raise ConfigError(f"token_codec must be 'exact' or 'compact', got {token_codec!r}")
     writer = CacheWriter(directory, specs, info, rank=rank, shard_rows=shard_rows, before_shard=check_teacher,
                          token_codec=token_codec)
     wrapped = _Unrecorded(source, done)

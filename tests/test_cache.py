@@ -183,6 +183,14 @@ def test_a_request_for_fewer_draws_than_recorded_is_refused_naming_sample(tmp_pa
     assert CachedTeacher(tmp_path, [recorded]).outputs == (recorded,)
 
 
+def test_a_bad_token_codec_is_refused_before_anything_is_written(tmp_path, data, net):
+    out = tmp_path / "cache"
+    with pytest.raises(ConfigError, match="token_codec must be 'exact' or 'compact', got 'zip'"):
+        record(loader(data), InProcessTeacher(net, [OutputSpec("logits")]), out, token_codec="zip")
+    assert not (out / "manifest.json").exists()
+    record(loader(data), InProcessTeacher(net, [OutputSpec("logits")]), out)  # the directory is still free to use
+
+
 def test_a_missing_key_falls_through_to_the_live_source(tmp_path, data, net):
     spec = OutputSpec("logits", "log_probs", temperature=4.0)
     record(loader(data, subset=list(range(100))), InProcessTeacher(net, [spec]), tmp_path)
