@@ -33,7 +33,7 @@ from typing import Mapping, Sequence
 import torch
 
 from teacher_server.errors import ConfigError, InvalidRequest, ModelLoadError
-from teacher_server.model import LoadedModel, _device, _first_line
+from teacher_server.model import _WARMUP_FREE_DIM, LoadedModel, _device, _first_line
 from teacher_server.signature import TensorSpec
 
 __all__ = ["CausalLMLogits", "SequenceInfo", "is_hf_dir", "load_hf_model"]
@@ -41,8 +41,6 @@ __all__ = ["CausalLMLogits", "SequenceInfo", "is_hf_dir", "load_hf_model"]
 log = logging.getLogger(__name__)
 
 IDS, MASK = "input_ids", "attention_mask"
-# Warm-up length of the free L dimension (LoadedModel's free-dim default).
-_WARMUP_LENGTH = 8
 
 
 def is_hf_dir(path: str) -> bool:
@@ -146,20 +144,14 @@ def load_hf_model(path: str, *, device: str = "cpu", precision: str = "fp32",
 
 
 class SequenceModel(LoadedModel):
-    """A :class:`LoadedModel` whose warm-up feeds real tokens and a full mask, and whose L is free."""
+    """A :class:`LoadedModel` whose warm-up feeds real tokens and a full mask (its outputs' L is then free)."""
 
-    def example_batch(self, batch_size: int = 2, free_dim: int = _WARMUP_LENGTH) -> list[torch.Tensor]:
+    def example_batch(self, batch_size: int = 2, free_dim: int = _WARMUP_FREE_DIM) -> list[torch.Tensor]:
         """Token ids below the vocabulary size and an all-ones mask, ``(batch_size, free_dim)``."""
         gen = torch.Generator().manual_seed(0)
         vocab = self.sequence.vocab_size if self.sequence else 2
         ids = torch.randint(0, vocab, (batch_size, free_dim), generator=gen)
         return [ids if s.name == IDS else torch.ones_like(ids) for s in self.inputs]
-
-    def warm_up(self) -> None:
-        """As :meth:`LoadedModel.warm_up`, then mark the length dimension of every output free."""
-        super().warm_up()
-        self.outputs = tuple(TensorSpec(s.name, s.dtype, (-1, *s.shape[1:])) if s.shape[:1] == (_WARMUP_LENGTH,)
-                             else s for s in self.outputs)
 
 
 def check_options(options: Mapping[str, object]) -> None:

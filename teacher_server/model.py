@@ -38,12 +38,8 @@ import torch
 
 from protos.outputs import name_outputs  # re-exported: the one output naming, shared with the student
 from teacher_server.errors import ConfigError, ModelLoadError, SignatureError
-from teacher_server.signature import (
-    TensorSpec,
-    coerce_specs,
-    signature_from_json,
-    signature_to_json,
-)
+from teacher_server.signature import (TensorSpec, coerce_specs, free_where_changed, signature_from_json,
+                                      signature_to_json)
 
 __all__ = ["LoadedModel", "load_model", "name_outputs", "save_exported", "save_torchscript"]
 
@@ -57,8 +53,9 @@ _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # Batch used by the warm-up pass: 2, not 1, so a model that squeezes the batch
 # dim or an export specialised to batch 1 is caught at startup.
 _WARMUP_BATCH = 2
-# Size given to free (-1) non-batch dims in the warm-up pass.
-_WARMUP_FREE_DIM = 8
+# Size given to free (-1) non-batch dims in the warm-up pass, then in a second pass that finds the
+# output dims following them (shorter: within a position limit that allowed 8; odd: L // 2 differs too).
+_WARMUP_FREE_DIM, _WARMUP_OTHER_FREE_DIM = 8, 5
 
 
 @dataclass
@@ -150,7 +147,7 @@ class LoadedModel:
         return out
 
     def warm_up(self) -> None:
-        """Run one forward pass to prove the model works and discover its outputs."""
+        """Run one forward pass to prove the model works and discover its outputs (free dims: -1)."""
         try:
             outs = self.run(self.example_batch())
         except Exception as exc:  # any model failure is a load failure here
@@ -173,6 +170,13 @@ class LoadedModel:
             except ConfigError as exc:
                 raise ModelLoadError(f"{self.source}: output {name!r}: {exc}") from None
         self.outputs = tuple(specs)
+        if any(-1 in s.shape for s in self.inputs):  # the output dims that follow them are free, not 8
+            try:
+                outs = self.run(self.example_batch(free_dim=_WARMUP_OTHER_FREE_DIM))
+                self.outputs = free_where_changed(specs, {n: t.shape[1:] for n, t in outs.items()})
+            except Exception as exc:  # the first pass ran: serve with the shapes it saw
+                log.warning("model %s: warm-up with free dims of %d failed (%s); outputs declared as seen at %d",
+                            self.source, _WARMUP_OTHER_FREE_DIM, _first_line(exc), _WARMUP_FREE_DIM)
         log.info("model %s ready: inputs %s -> outputs %s", self.source,
                  ", ".join(map(str, self.inputs)), ", ".join(map(str, self.outputs)))
 
@@ -478,8 +482,7 @@ def _load_exported(path: str, dev: torch.device) -> tuple[Any, tuple]:
                              f"{_first_line(exc)}); it may be corrupt or from a newer torch: re-export it") from exc
     text = extra[SIGNATURE_FILE]
     specs = signature_from_json(text, where=path) if text else _exported_input_specs(ep, path)
-    module = ep.module().to(dev)
-    return module, specs
+    return ep.module().to(dev), specs
 
 
 def _exported_input_specs(ep: "torch.export.ExportedProgram", path: str) -> tuple[TensorSpec, ...]:

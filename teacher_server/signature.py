@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -30,6 +30,7 @@ __all__ = [
     "TensorSpec",
     "WIRE_OF_TORCH",
     "coerce_specs",
+    "free_where_changed",
     "parse_input_spec",
     "signature_from_json",
     "signature_to_json",
@@ -151,6 +152,21 @@ def coerce_specs(items: Iterable[Any], *, where: str) -> tuple[TensorSpec, ...]:
     names = [s.name for s in out]
     if len(set(names)) != len(names):
         raise SignatureError(f"{where}: input names must be unique, got {names}")
+    return tuple(out)
+
+
+def free_where_changed(specs: Sequence[TensorSpec],
+                       shapes: Mapping[str, Sequence[int]]) -> tuple[TensorSpec, ...]:
+    """``specs`` with -1 for each dim whose size in ``shapes`` (per-sample shapes by name) differs.
+
+    A spec whose name is missing from ``shapes``, or whose rank differs there, is kept as it is.
+    """
+    out = []
+    for s in specs:
+        other = tuple(shapes.get(s.name, s.shape))
+        if len(other) == len(s.shape):
+            s = TensorSpec(s.name, s.dtype, tuple(d if d == e else -1 for d, e in zip(s.shape, other)))
+        out.append(s)
     return tuple(out)
 
 
