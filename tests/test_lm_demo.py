@@ -34,7 +34,7 @@ def test_tiny_lm_demo_through_two_teachers_one_sigkilled(tmp_path) -> None:
     assert "batches lost: 0, duplicated: 0" in format_report(result)
 
 
-def test_a_trainer_subclass_distils_through_the_reader(tmp_path) -> None:
+def test_a_trainer_subclass_distils_through_the_reader() -> None:
     spec = importlib.util.spec_from_file_location("distill_lm", REPO / "examples" / "distill_lm.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)

@@ -110,8 +110,17 @@ def test_similarity_preserving_by_hand():
     t = torch.tensor([[1.0, 1.0], [1.0, 1.0]])  # G = 2·ones -> rows (1/√2, 1/√2)
     # (2·(1 − 1/√2)² + 2·(1/√2)²) / 2² = 1 − 1/√2
     assert similarity_preserving_loss(s, t).item() == pytest.approx(1 - 1 / math.sqrt(2))
-    # student and teacher widths may differ; (B, C, H, W) maps are flattened
-    assert similarity_preserving_loss(torch.randn(4, 3, 2, 2), torch.randn(4, 7)).item() >= 0
+    # student and teacher widths may differ; (B, C, H, W) maps are flattened to (B, C·H·W)
+    torch.manual_seed(0)
+    s4, t2 = torch.randn(4, 3, 2, 2), torch.randn(4, 7)
+
+    def normalised_gram(a: torch.Tensor) -> torch.Tensor:  # (4, 4): a·aᵀ of the flat rows, each row L2-normalised
+        flat = a.reshape(4, -1)  # (4, 12) student, (4, 7) teacher
+        g = flat @ flat.t()
+        return g / g.norm(dim=1, keepdim=True)
+
+    expected = (normalised_gram(t2) - normalised_gram(s4)).pow(2).sum() / 4**2
+    assert similarity_preserving_loss(s4, t2).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_modules_state_their_needs_and_combine_with_kd():

@@ -15,7 +15,9 @@ from student_client import DistillReader, PoolConfig, TeacherPool
 from student_client.errors import ConfigError
 from student_client.sources import KnowledgeSource
 from teacher_server import BackgroundTeacher, LoadedModel, TeacherConfig, zoo
-from tests.test_student_integration import IdDataset, start_teachers
+from tests.helpers.datasets import IdDataset
+from tests.helpers.redis_proc import wait_until
+from tests.helpers.teacher_proc import start_teachers
 
 
 class _TimedSource(KnowledgeSource):
@@ -51,10 +53,7 @@ def test_stats_after_a_teacher_is_killed_add_up_to_the_batches_delivered() -> No
         cfg = PoolConfig(timeout_s=10.0, wait_timeout_s=20.0)
         with TeacherPool([p.address for p in procs], config=cfg) as pool, DistillReader(loader, pool, window=8) as reader:
             # Teachers count as live once they passed their first health check (a loopback round trip).
-            deadline = time.monotonic() + 10
-            while reader.stats().live_teachers != 2:
-                assert time.monotonic() < deadline, f"teachers never became live: {reader.stats().teachers}"
-                time.sleep(0.01)
+            wait_until(lambda: reader.stats().live_teachers == 2, timeout_s=10, what="both teachers live")
             for n, ((x, _), out) in enumerate(reader, 1):
                 assert out["logits"][:, 0].tolist() == x[:, 0].tolist()
                 seen += x[:, 0].long().tolist()
@@ -220,10 +219,11 @@ def test_a_teacher_that_left_keeps_the_transport_it_was_used_over(teacher) -> No
     from student_client import SourceRequest
 
     with TeacherPool([teacher.address]) as pool:
-        deadline = time.monotonic() + 20
-        while pool.stats().teachers[teacher.address].transport != "local":  # same host: the socket
+        def over_the_socket() -> bool:  # same host: the socket, once the pool has switched to it
             pool.submit(SourceRequest({"": torch.zeros(1, 4)}, "probe")).result(timeout=20)
-            assert time.monotonic() < deadline, pool.stats().teachers
+            return pool.stats().teachers[teacher.address].transport == "local"
+
+        wait_until(over_the_socket, timeout_s=20, what="the pool to use the local transport")
         pool.submit(SourceRequest({"": torch.zeros(1, 4)}, "over the socket")).result(timeout=20)
         pool.set_endpoints([])
         left = pool.stats().teachers[teacher.address]
