@@ -119,6 +119,26 @@ def connect(
         ) from exc
 
 
+def read_password_file(path: str, what: str, *, read_hint: str = "", empty_hint: str = "") -> str:
+    """The first line of the password file ``path``, without its line end.
+
+    Args:
+        what: the file as messages name it (e.g. ``"--password-file '/etc/pw'"``).
+        read_hint, empty_hint: appended to the unreadable / empty file's message.
+
+    Raises:
+        RegistryConfigError: the file cannot be read, or its first line is empty.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            password = f.readline().rstrip("\r\n")
+    except OSError as exc:
+        raise RegistryConfigError(f"cannot read {what}: {exc.strerror}{read_hint}") from None
+    if not password:
+        raise RegistryConfigError(f"{what} is empty; its first line is the password{empty_hint}")
+    return password
+
+
 def _password_file_option(url: str) -> tuple[str, dict]:
     """``url`` without ``?password_file=PATH`` and ``{"password": <its first line>}`` (else ``url, {}``)."""
     try:
@@ -135,15 +155,8 @@ def _password_file_option(url: str) -> tuple[str, dict]:
     if url_password(url):
         raise RegistryConfigError(f"the Redis URL {shown!r} has both a password and ?{PASSWORD_FILE_OPTION}=; "
                                   "keep one of them")
-    path = paths[0]
-    try:
-        with open(path, encoding="utf-8") as f:
-            password = f.readline().rstrip("\r\n")
-    except OSError as exc:
-        raise RegistryConfigError(f"cannot read the Redis password file {path!r} (?{PASSWORD_FILE_OPTION}= in "
-                                  f"{shown!r}): {exc.strerror}; check the path and that this user may read it") from None
-    if not password:
-        raise RegistryConfigError(f"the Redis password file {path!r} is empty; its first line is the password")
+    password = read_password_file(paths[0], f"the Redis password file {paths[0]!r} (?{PASSWORD_FILE_OPTION}= in "
+                                  f"{shown!r})", read_hint="; check the path and that this user may read it")
     rest = urlencode([(k, v) for k, v in pairs if k != PASSWORD_FILE_OPTION], quote_via=quote)
     # By hand: urlunsplit drops the empty authority of unix:///path.
     base = f"{parts.scheme}://{parts.netloc}{parts.path}" + (f"?{rest}" if rest else "")

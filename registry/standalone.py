@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable
 from urllib.parse import quote
 
-from registry.connection import PASSWORD_FILE_OPTION
+from registry.connection import PASSWORD_FILE_OPTION, read_password_file
 from registry.embedded import EmbeddedRedis
 from registry.errors import EmbeddedRedisError, RegistryConfigError
 
@@ -68,8 +68,6 @@ def prepare_password_file(path: str | None) -> tuple[str, str, str | None]:
         return password, path, None
     try:
         st = os.stat(path)
-        with open(path, encoding="utf-8") as f:
-            password = f.readline().rstrip("\r\n")
     except OSError as exc:
         raise RegistryConfigError(f"cannot read --password-file {path!r}: {exc.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
@@ -77,9 +75,8 @@ def prepare_password_file(path: str | None) -> tuple[str, str, str | None]:
     if st.st_mode & 0o077:
         raise RegistryConfigError(f"--password-file {path!r} has mode {stat.S_IMODE(st.st_mode):04o}, readable by "
                                   f"group or others; run `chmod 600 {path}`")
-    if not password:
-        raise RegistryConfigError(f"--password-file {path!r} is empty; its first line is the password "
-                                  "(or remove the file and a random one is written)")
+    password = read_password_file(path, f"--password-file {path!r}",
+                                  empty_hint=" (or remove the file and a random one is written)")
     return password, path, None
 
 
