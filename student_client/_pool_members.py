@@ -20,6 +20,7 @@ import logging
 import time
 from typing import Iterable
 
+from protos import codec
 from protos.edistill.v1 import teacher_pb2 as pb
 
 from ._poolstate import Teacher, Work
@@ -239,10 +240,10 @@ class MembershipMixin:
                 continue
             # Cast to float32 before any teacher had said; a float16/bfloat16 input gets its declared dtype now
             # (an integer one is refused just below). A copy of at most a window of batches, once.
-            again = {n: r.inputs[n].double() for n in state.default_cast.get(r.seq, ())
-                     if signature.declared(n) in (pb.FLOAT16, pb.BFLOAT16)}
-            if again:
-                r.inputs.update(cast_float64(again, signature, r.batch_id)[0])
+            for n in state.default_cast.get(r.seq, ()):
+                wire = signature.declared(n)
+                if wire in (pb.FLOAT16, pb.BFLOAT16):  # float32 -> it: the same values as through float64
+                    r.inputs[n] = r.inputs[n].to(codec.torch_dtype_maps()[0][wire])
             problem = signature.input_problem(r.inputs, r.batch_id)
             if problem is not None:
                 self._settle_locked(r, None, ConfigError(problem), work)
