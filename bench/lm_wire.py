@@ -69,6 +69,15 @@ def _bytes_per_token(V: int, B: int = 4, L: int = 64, pad: float = 0.1) -> dict[
     return out
 
 
+def topk_reconstruction(log_values, indices, log_tail, vocab: int):
+    """``(P, V)`` probabilities from a top-k answer with tail: the k stored ones at their token ids, the tail
+    mass spread evenly over the other ``V - k`` tokens (``log_values``/``indices``: ``(P, k)``, ``log_tail``:
+    ``(P,)``; computed in their dtype)."""
+    k = indices.shape[-1]
+    q = (log_tail.exp() / max(vocab - k, 1))[:, None].expand(-1, vocab).clone()
+    return q.scatter_(-1, indices, log_values.exp())
+
+
 def _kl_tv(p_log, q) -> tuple[float | None, float]:
     import torch
 
@@ -100,8 +109,7 @@ def _fidelity(model_dir: pathlib.Path, heldout) -> dict[str, dict]:
     res["dense_fp16"] = _kl_tv(full, torch.softmax(half, -1))
     for k in (16, 64, 256):
         a = shared.token_answer(x[None], "logits", pb.LOG_PROBS, 1.0, top_k=min(k, V), tail=True, dtype=torch.float16)
-        q = ((a.tail.float().exp()) / max(V - k, 1))[:, None].expand(-1, V).clone()  # tail spread evenly
-        q.scatter_(-1, a.indices, a.values.float().exp())
+        q = topk_reconstruction(a.values.float(), a.indices, a.tail.float(), V)
         res[f"top{k}"] = _kl_tv(full, q / q.sum(-1, keepdim=True))
     a = shared.token_answer(x[None], "logits", pb.LOG_PROBS, 1.0, sample=12, generator=torch.Generator().manual_seed(0))
     q = torch.zeros_like(full).scatter_add_(-1, a.indices, torch.full(a.indices.shape, 1 / 12))
